@@ -1,0 +1,3 @@
+from ctwatchd.cli import main
+import sys
+sys.exit(main())

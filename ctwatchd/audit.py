@@ -1,0 +1,229 @@
+"""Structured audit records: structlog events, sent to journald with indexed fields, or printed.
+
+journald: we speak its native datagram protocol ourselves (systemd.journal(3) "Native Protocol"):
+systemd-python needs a C build and structlog-journald needs Python 3.12, and the protocol is forty
+lines. Every event name maps to a MESSAGE_ID, so `journalctl MESSAGE_ID=…` and `journalctl -x`
+(systemd/ctwatchd.catalog) work, and to a human MESSAGE.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import struct
+import sys
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import structlog
+
+from ctwatchd.config import LogFormat
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+SYSLOG_IDENTIFIER = "ctwatchd"
+
+
+@dataclass(frozen=True)
+class EventType:
+    message_id: str  # 128-bit id, as journald wants it: 32 lowercase hex digits
+    template: str  # str.format over the event's fields; missing fields read as "?"
+
+
+# The whole audit vocabulary. A test checks that the catalog file documents every one of these.
+EVENTS: dict[str, EventType] = {
+    "daemon.started": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b01", "ctwatchd {version} started, watching {modules}"),
+    "daemon.ready": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b02", "ctwatchd ready: {status}"),
+    "daemon.stopping": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b03", "ctwatchd stopping on {signal}"),
+    "config.loaded": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b04", "configuration loaded from {path}"),
+    "config.rejected": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b05",
+                                 "configuration rejected, previous one kept: {error}"),
+    "module.event": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b06", "kernel reported {action} of module {module}"),
+    "module.state": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b07", "module {module} is {state} ({detail})"),
+    "module.blocked": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b08",
+                                "module {module} is not loaded and modprobe.d blocks it: {blocker}; "
+                                "ctwatchd will not load it"),
+    "restore.planned": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b09", "restore planned ({reason}): {plan}"),
+    "restore.step": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b0a",
+                              "restore step {action} {module}: {result} in {duration_ms} ms {detail}"),
+    "restore.finished": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b0b",
+                                  "restore {result} in {duration_ms} ms {detail}"),
+    "sysctl.write": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b0c", "sysctl {key}={value}: {result} {detail}"),
+    "breaker.open": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b0d",
+                              "restart breaker open: docker/hook restarts paused after {restarts} in "
+                              "{window} s"),
+    "breaker.closed": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b0e", "restart breaker closed"),
+    "health.changed": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b0f", "health: {status}"),
+    "monitor.overrun": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b10",
+                                 "uevent monitor lost events ({detail}); resynced from /sys and /proc"),
+    "monitor.failed": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b11",
+                                "uevent monitor unavailable ({detail}); polling every {poll_interval} s"),
+    "state.ignored": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b12", "state file {path} ignored: {detail}"),
+    "state.failed": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b13", "state file {path} not written: {detail}"),
+    "notify.failed": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b14", "sd_notify failed: {detail}"),
+    "signal.ignored": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b15", "signal {signal} ignored: {detail}"),
+}
+
+# Fields journald indexes under their own names; the rest are prefixed CTWATCHD_.
+PLAIN_FIELDS = {"module": "MODULE", "action": "ACTION", "result": "RESULT", "duration_ms": "DURATION_MS"}
+PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
+
+
+class _Blank(dict[str, Any]):
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+def render_message(event: str, fields: Mapping[str, Any]) -> str:
+    kind = EVENTS.get(event)
+    if kind is None:
+        return event
+    values = _Blank({k: ("" if v is None else v) for k, v in fields.items()})
+    return " ".join(kind.template.format_map(values).split())
+
+
+def add_message(_logger: object, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Processor: the human sentence for the event, from its template."""
+    event_dict.setdefault("message", render_message(str(event_dict.get("event")), event_dict))
+    return event_dict
+
+
+def journal_fields(event_dict: Mapping[str, Any], level: str) -> dict[str, str]:
+    """Processor core: one event as journald fields (pure; tested directly)."""
+    out = {
+        "MESSAGE": str(event_dict.get("message") or event_dict.get("event")),
+        "PRIORITY": str(PRIORITY.get(level, 6)),
+        "SYSLOG_IDENTIFIER": SYSLOG_IDENTIFIER,
+        "CTWATCHD_EVENT": str(event_dict.get("event")),
+    }
+    kind = EVENTS.get(str(event_dict.get("event")))
+    if kind is not None:
+        out["MESSAGE_ID"] = kind.message_id
+    for key, value in event_dict.items():
+        if key in ("event", "message", "level", "timestamp") or value is None:
+            continue
+        name = PLAIN_FIELDS.get(key) or "CTWATCHD_" + "".join(c if c.isalnum() else "_" for c in key).upper()
+        out[name] = value if isinstance(value, str) else json.dumps(value, default=str) \
+            if isinstance(value, (list, dict, tuple)) else str(value)
+    return out
+
+
+def encode_journal(fields: Mapping[str, str]) -> bytes:
+    """The native protocol: KEY=value lines, or KEY\\n<le64 length><bytes>\\n for values with newlines."""
+    buf = bytearray()
+    for key, value in fields.items():
+        data = value.encode("utf-8", "replace")
+        if b"\n" in data:
+            buf += key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            buf += key.encode() + b"=" + data + b"\n"
+    return bytes(buf)
+
+
+class JournalSink:
+    """Sends datagrams to journald; falls back to a line on stderr when journald cannot take it."""
+
+    def __init__(self, path: str = JOURNAL_SOCKET, fallback: TextIO | None = None) -> None:
+        self.path = path
+        self.fallback = fallback or sys.stderr
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    def send(self, fields: Mapping[str, str]) -> bool:
+        data = encode_journal(fields)
+        try:
+            # MSG_DONTWAIT: a stalled journald must not stall the daemon (and its watchdog pings).
+            self.sock.sendto(data, socket.MSG_DONTWAIT, self.path)
+        except OSError as exc:
+            if exc.errno == errno.EMSGSIZE and self._send_memfd(data):
+                return True
+            self.fallback.write(f"ctwatchd: {fields.get('MESSAGE', '')} [journal: {exc.strerror}]\n")
+            self.fallback.flush()
+            return False
+        return True
+
+    def _send_memfd(self, data: bytes) -> bool:
+        """Large records travel as a sealed memfd, as sd_journal_send does."""
+        fd = os.memfd_create("ctwatchd-journal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.write(fd, data)
+            import fcntl
+
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+            self.sock.sendmsg([], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))],
+                              socket.MSG_DONTWAIT, self.path)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+
+class JournalLogger:
+    """The structlog logger at the end of the chain when writing to journald."""
+
+    def __init__(self, sink: JournalSink) -> None:
+        self.sink = sink
+
+    def msg(self, **fields: str) -> None:
+        self.sink.send(fields)
+
+    debug = info = warning = error = critical = msg
+
+
+def _to_journal(_logger: object, method: str, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
+    return journal_fields(event_dict, method if method != "warn" else "warning")
+
+
+def journal_wanted(env: Mapping[str, str], stderr_fd: int = 2) -> bool:
+    """JOURNAL_STREAM names the journal's stream as 'dev:ino'; it counts only if it is our stderr."""
+    stream = env.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in stream.split(":"))
+        st = os.fstat(stderr_fd)
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def configure(fmt: LogFormat = LogFormat.AUTO, *, env: Mapping[str, str] | None = None,
+              journal_socket: str = JOURNAL_SOCKET, level: int = logging.INFO) -> str:
+    """Set up structlog once for the process; returns the sink chosen ("journal", "console" or "json")."""
+    env = os.environ if env is None else env
+    if fmt is LogFormat.AUTO:
+        fmt = LogFormat.JOURNAL if journal_wanted(env) and os.path.exists(journal_socket) else LogFormat.CONSOLE
+    processors: list[Any] = [structlog.processors.add_log_level, add_message]
+    if fmt is LogFormat.JOURNAL:
+        sink = JournalSink(journal_socket)
+        processors.append(_to_journal)
+        factory: Any = lambda *_: JournalLogger(sink)  # noqa: E731
+    elif fmt is LogFormat.JSON:
+        processors += [structlog.processors.TimeStamper(fmt="iso"), structlog.processors.JSONRenderer()]
+        factory = structlog.PrintLoggerFactory(sys.stderr)
+    else:
+        processors += [structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S"), _console]
+        factory = structlog.PrintLoggerFactory(sys.stderr)
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=factory,
+        cache_logger_on_first_use=False,
+    )
+    return fmt.value
+
+
+def _console(_logger: object, _method: str, event_dict: MutableMapping[str, Any]) -> str:
+    """One readable line: time, level, the sentence, then the fields for grep."""
+    ts = event_dict.pop("timestamp", "")
+    level = event_dict.pop("level", "info")
+    message = event_dict.pop("message", "")
+    event = event_dict.pop("event", "")
+    rest = " ".join(f"{k}={v}" for k, v in event_dict.items() if v is not None)
+    return f"{ts} {level:<7} {message} [{event}{' ' + rest if rest else ''}]"
+
+
+def get_logger() -> Any:  # noqa: ANN401 - structlog's lazy proxy
+    return structlog.get_logger()

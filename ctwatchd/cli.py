@@ -1,0 +1,149 @@
+"""Command line: `ctwatchd run | check | restore`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ctwatchd import __version__, audit, core
+from ctwatchd import config as configmod
+from ctwatchd import state as statefile
+from ctwatchd.config import Config, ConfigError
+from ctwatchd.kernel import KernelProbe
+from ctwatchd.model import Outcome
+
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ctwatchd",
+        description="Keep nf_conntrack, nf_nat and br_netfilter loaded; restore them, their sysctls and "
+                    "dependent services when they are unloaded.",
+        epilog="See ctwatchd(8) and ctwatchd.toml(5).",
+    )
+    p.add_argument("--version", action="version", version=f"ctwatchd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", type=Path, metavar="PATH",
+                        help=f"configuration file (default {configmod.DEFAULT_PATH}, if it exists)")
+        sp.add_argument("--root", type=Path, default=Path("/"), metavar="DIR",
+                        help="read /sys, /proc, /lib/modules and modprobe.d below DIR (default /)")
+
+    run = sub.add_parser("run", help="run the daemon in the foreground (what systemd starts)")
+    common(run)
+    run.add_argument("--no-uevents", action="store_true",
+                     help="do not open the kernel uevent monitor; rely on polling alone")
+    chk = sub.add_parser("check", help="diagnose once: exit 0 healthy, 1 degraded, 2 cannot tell")
+    common(chk)
+    chk.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    rst = sub.add_parser("restore", help="reconcile once now: exit 0 done or nothing to do, 1 a step failed")
+    common(rst)
+    rst.add_argument("--dry-run", action="store_true", help="print the ordered plan and change nothing")
+    return p
+
+
+def _load(path: Path | None) -> Config:
+    return configmod.load(path)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ctwatchd.daemon import Daemon
+    from ctwatchd.notify import Notifier
+
+    try:
+        cfg = _load(args.config)
+    except ConfigError as exc:
+        print(f"ctwatchd: {exc}", file=sys.stderr)
+        # The status line is what `systemctl status` shows for the failed start.
+        Notifier().send(f"STATUS=configuration error: {exc}")
+        return EXIT_CONFIG
+    audit.configure(cfg.log_format)
+    monitor_factory = None
+    if not args.no_uevents:
+        from ctwatchd.uevents import KernelMonitor
+
+        monitor_factory = KernelMonitor
+    daemon = Daemon(cfg, probe=KernelProbe(args.root), log=audit.get_logger(),
+                    reload_config=lambda: _load(args.config), monitor_factory=monitor_factory)
+    return daemon.run()
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from ctwatchd.check import UNKNOWN, format_json, format_table, run_check
+
+    try:
+        cfg = _load(args.config)
+    except ConfigError as exc:
+        print(f"ctwatchd: {exc}", file=sys.stderr)
+        return UNKNOWN
+    try:
+        report = run_check(cfg, args.root)
+    except OSError as exc:
+        print(f"ctwatchd: cannot read the kernel state: {exc}", file=sys.stderr)
+        return UNKNOWN
+    print(format_json(report) if args.json else format_table(report))
+    return report.exit_code
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from ctwatchd.executor import Executor
+    from ctwatchd.runner import Runner
+
+    try:
+        cfg = _load(args.config)
+    except ConfigError as exc:
+        print(f"ctwatchd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    probe = KernelProbe(args.root)
+    obs = probe.observe(probe.facts(), cfg.modules, [k for k, _ in cfg.sysctls])
+    state = core.CoreState()
+    try:
+        saved = statefile.load(cfg.state_file)
+    except statefile.StateError as exc:
+        print(f"ctwatchd: state file {cfg.state_file} ignored: {exc}", file=sys.stderr)
+        saved = None
+    if saved is not None:
+        state = core.CoreState(tuning=saved.tuning, conntrack_reloaded=saved.conntrack_reloaded,
+                               restarts=saved.restarts)
+    decision = core.decide(cfg, state, obs, time.monotonic())
+    plan = decision.plan
+    if not plan:
+        print(f"nothing to do: {plan.reason}")
+        return 0
+    print(f"plan ({plan.reason}):")
+    for i, step in enumerate(plan.steps, 1):
+        print(f"  {i}. {step.describe()}")
+    if plan.skipped_restarts:
+        print("  (docker and hooks left out: the restart breaker is open)")
+    if args.dry_run:
+        return 0
+    audit.configure(cfg.log_format)
+    result = Executor(cfg, probe, Runner(), audit.get_logger()).execute(plan)
+    for r in result.results:
+        mark = {Outcome.OK: "ok", Outcome.SKIPPED: "skipped", Outcome.FAILED: "FAILED",
+                Outcome.INTERRUPTED: "interrupted"}[r.outcome]
+        print(f"{mark:>11}  {r.step.describe()} ({r.duration_ms:.0f} ms){': ' + r.detail if r.detail else ''}")
+    return 0 if result.ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"run": cmd_run, "check": cmd_check, "restore": cmd_restore}[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `ctwatchd check | head`: the reader left; not our error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""The TOML configuration: parsed completely and validated before anything runs.
+
+A configuration is either entirely valid or rejected with one ConfigError whose message names the
+file and the key; there is no partial configuration.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from ctwatchd.model import BR_NETFILTER, CONNTRACK, MODULE_NAME, NAT, normalize_module
+
+DEFAULT_PATH = Path("/etc/ctwatchd/ctwatchd.toml")
+
+# A dotted sysctl name: components of letters, digits, '_' and '-' (no '/', no '..', no empty part).
+SYSCTL_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+$")
+# Values written to /proc/sys: printable, one line. Kernel parsers reject the rest anyway.
+SYSCTL_VALUE = re.compile(r"^[\x20-\x7e\t]{0,256}$")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message is one sentence naming file and key."""
+
+
+class DockerMode(StrEnum):
+    NEVER = "never"
+    IF_ACTIVE = "if-active"
+
+
+class LogFormat(StrEnum):
+    AUTO = "auto"  # journald when stderr is the journal stream, else readable lines
+    JOURNAL = "journal"
+    CONSOLE = "console"
+    JSON = "json"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None = None  # None: built-in defaults
+    modules: tuple[str, ...] = (CONNTRACK, NAT, BR_NETFILTER)
+    poll_interval: float = 5.0
+    sysctls: tuple[tuple[str, str], ...] = (
+        ("net.bridge.bridge-nf-call-iptables", "1"),
+        ("net.bridge.bridge-nf-call-ip6tables", "1"),
+    )
+    docker: DockerMode = DockerMode.NEVER
+    hooks: tuple[tuple[str, ...], ...] = ()
+    modprobe: str | None = None  # None: the first of /usr/sbin/modprobe, /sbin/modprobe
+    systemctl: str | None = None  # None: the first of /usr/bin/systemctl, /bin/systemctl
+    module_timeout: float = 30.0
+    hook_timeout: float = 60.0
+    docker_timeout: float = 120.0
+    keep_conntrack_tuning: bool = True
+    backoff_initial: float = 1.0
+    backoff_max: float = 300.0
+    max_restarts: int = 3
+    restart_window: float = 600.0
+    state_file: Path = Path("/run/ctwatchd/state.json")
+    log_format: LogFormat = LogFormat.AUTO
+    metrics_textfile: Path | None = None
+
+    @property
+    def sysctl_map(self) -> dict[str, str]:
+        return dict(self.sysctls)
+
+
+def _where(path: Path | None, section: str, key: str | None = None) -> str:
+    name = str(path) if path else "built-in configuration"
+    return f"{name}: [{section}] {key}" if key else f"{name}: [{section}]"
+
+
+class _Reader:
+    """Takes keys out of one TOML table, checking types; leftovers are unknown keys."""
+
+    def __init__(self, path: Path | None, section: str, table: object) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(f"{_where(path, section)} must be a table, not {_type(table)}.")
+        self.path, self.section, self.table = path, section, dict(table)
+
+    def where(self, key: str) -> str:
+        return _where(self.path, self.section, key)
+
+    def take(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:  # noqa: ANN401
+        if key not in self.table:
+            return default
+        value = self.table.pop(key)
+        # bool is an int in Python, but `poll_interval = true` is a mistake, not 1 second.
+        if isinstance(value, bool) and kind is not bool:
+            raise ConfigError(f"{self.where(key)} must be {_kind_name(kind)}, not a boolean.")
+        if not isinstance(value, kind):
+            raise ConfigError(f"{self.where(key)} must be {_kind_name(kind)}, not {_type(value)}.")
+        return value
+
+    def number(self, key: str, default: float, *, low: float, high: float) -> float:
+        value = float(self.take(key, (int, float), default))
+        if not (math.isfinite(value) and low <= value <= high):
+            raise ConfigError(f"{self.where(key)} must be between {low:g} and {high:g} seconds, not {value:g}.")
+        return value
+
+    def done(self) -> None:
+        if self.table:
+            unknown = ", ".join(sorted(self.table))
+            raise ConfigError(f"{_where(self.path, self.section)} has unknown key(s): {unknown}.")
+
+
+def _type(value: object) -> str:
+    return {
+        str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "an array",
+             dict: "a table"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if set(kinds) == {int, float}:
+        return "a number"
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _absolute_exe(where: str, value: str) -> str:
+    if not value.startswith("/") or "\0" in value or "/../" in f"{value}/":
+        raise ConfigError(f"{where} must be an absolute path without '..', not {value!r}.")
+    return value
+
+
+def parse(data: Mapping[str, Any], path: Path | None = None) -> Config:
+    """Validate a parsed TOML document into a Config, or raise one ConfigError."""
+    known = {"watch", "sysctl", "restore", "daemon", "metrics"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        name = str(path) if path else "configuration"
+        raise ConfigError(f"{name}: unknown section or key(s): {', '.join(unknown)} "
+                          f"(known sections: {', '.join(sorted(known))}).")
+    d = Config()
+
+    w = _Reader(path, "watch", data.get("watch", {}))
+    raw_modules = w.take("modules", list, None)
+    modules = d.modules
+    if raw_modules is not None:
+        seen: list[str] = []
+        for i, m in enumerate(raw_modules):
+            if not isinstance(m, str) or not MODULE_NAME.match(m):
+                raise ConfigError(f"{w.where('modules')}[{i}] must be a plain module name "
+                                  f"(letters, digits, '_' or '-'), not {m!r}.")
+            name = normalize_module(m)
+            if name not in seen:
+                seen.append(name)
+        modules = tuple(seen)
+    poll = w.number("poll_interval", d.poll_interval, low=0.1, high=3600)
+    w.done()
+
+    s = data.get("sysctl", {})
+    if not isinstance(s, dict):
+        raise ConfigError(f"{_where(path, 'sysctl')} must be a table of \"key\" = \"value\", not {_type(s)}.")
+    sysctls: list[tuple[str, str]] = []
+    for key, value in _flatten(s):
+        where = _where(path, "sysctl", f'"{key}"')
+        if not SYSCTL_KEY.match(key):
+            raise ConfigError(f"{where} is not a dotted sysctl name under /proc/sys "
+                              "(letters, digits, '_', '-' separated by '.'; no '/' or '..').")
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise ConfigError(f"{where} must be a string or an integer, not {_type(value)}.")
+        text = str(value)
+        if not SYSCTL_VALUE.match(text):
+            raise ConfigError(f"{where} value must be one printable line of at most 256 characters.")
+        sysctls.append((key, text))
+    sysctl_tuple = tuple(sysctls) if "sysctl" in data else d.sysctls
+
+    r = _Reader(path, "restore", data.get("restore", {}))
+    docker_raw = r.take("docker", str, d.docker.value)
+    try:
+        docker = DockerMode(docker_raw)
+    except ValueError:
+        raise ConfigError(f"{r.where('docker')} must be \"never\" or \"if-active\", not {docker_raw!r}.") from None
+    hooks_raw = r.take("hooks", list, [])
+    hooks: list[tuple[str, ...]] = []
+    for i, argv in enumerate(hooks_raw):
+        where = f"{r.where('hooks')}[{i}]"
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise ConfigError(f"{where} must be a non-empty array of strings (an argv list), not {argv!r}.")
+        if any("\0" in a for a in argv):
+            raise ConfigError(f"{where} contains a NUL character.")
+        _absolute_exe(f"{where}[0]", argv[0])
+        hooks.append(tuple(argv))
+    modprobe = r.take("modprobe", str, None)
+    systemctl = r.take("systemctl", str, None)
+    if modprobe is not None:
+        _absolute_exe(r.where("modprobe"), modprobe)
+    if systemctl is not None:
+        _absolute_exe(r.where("systemctl"), systemctl)
+    cfg = Config(
+        path=path,
+        modules=modules,
+        poll_interval=poll,
+        sysctls=sysctl_tuple,
+        docker=docker,
+        hooks=tuple(hooks),
+        modprobe=modprobe,
+        systemctl=systemctl,
+        module_timeout=r.number("module_timeout", d.module_timeout, low=0.1, high=600),
+        hook_timeout=r.number("hook_timeout", d.hook_timeout, low=0.1, high=3600),
+        docker_timeout=r.number("docker_timeout", d.docker_timeout, low=0.1, high=3600),
+        keep_conntrack_tuning=r.take("keep_conntrack_tuning", bool, d.keep_conntrack_tuning),
+        backoff_initial=r.number("backoff_initial", d.backoff_initial, low=0.01, high=3600),
+        backoff_max=r.number("backoff_max", d.backoff_max, low=0.01, high=86400),
+        max_restarts=_restarts(r, d.max_restarts),
+        restart_window=r.number("restart_window", d.restart_window, low=1, high=86400),
+    )
+    r.done()
+
+    dm = _Reader(path, "daemon", data.get("daemon", {}))
+    state_file = Path(_absolute_exe(dm.where("state_file"), dm.take("state_file", str, str(d.state_file))))
+    fmt_raw = dm.take("log_format", str, d.log_format.value)
+    try:
+        log_format = LogFormat(fmt_raw)
+    except ValueError:
+        choices = ", ".join(f'"{f.value}"' for f in LogFormat)
+        raise ConfigError(f"{dm.where('log_format')} must be one of {choices}, not {fmt_raw!r}.") from None
+    dm.done()
+
+    mt = _Reader(path, "metrics", data.get("metrics", {}))
+    textfile = mt.take("textfile", str, None)
+    mt.done()
+    metrics = Path(_absolute_exe(mt.where("textfile"), textfile)) if textfile is not None else None
+
+    if cfg.backoff_max < cfg.backoff_initial:
+        raise ConfigError(f"{_where(path, 'restore', 'backoff_max')} must not be smaller than backoff_initial.")
+    return replace(cfg, state_file=state_file, log_format=log_format, metrics_textfile=metrics)
+
+
+def _restarts(r: _Reader, default: int) -> int:
+    value = r.take("max_restarts", int, default)
+    if not 0 <= value <= 1000:
+        raise ConfigError(f"{r.where('max_restarts')} must be between 0 and 1000, not {value}.")
+    return int(value)
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Accept both `"net.x.y" = "1"` and the unquoted form, which TOML turns into nested tables."""
+    out: list[tuple[str, Any]] = []
+    for key, value in table.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out.extend(_flatten(value, full))
+        else:
+            out.append((full, value))
+    return out
+
+
+def check_trust(path: Path, st: os.stat_result, euid: int) -> None:
+    """A root daemon must not take orders from a file someone else can change (sshd's rule)."""
+    if euid != 0:
+        return
+    if st.st_uid != 0:
+        raise ConfigError(f"{path} is owned by uid {st.st_uid}, not root; refusing it because ctwatchd runs "
+                          "its hooks as root.")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                          "refusing it because ctwatchd runs its hooks as root.")
+
+
+def load(path: Path | None, *, euid: int | None = None,
+         opener: Callable[[Path], tuple[bytes, os.stat_result]] | None = None) -> Config:
+    """Load the configuration at `path`; None means the default path, which may be absent."""
+    explicit = path is not None
+    target = path if path is not None else DEFAULT_PATH
+    uid = os.geteuid() if euid is None else euid
+    try:
+        raw, st = (opener or _read)(target)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{target}: no such configuration file.") from None
+        return Config()
+    except OSError as exc:
+        raise ConfigError(f"{target}: cannot read the configuration: {exc.strerror or exc}.") from None
+    check_trust(target, st, uid)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{target}: not valid UTF-8 (byte {exc.start}).") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{target}: malformed TOML: {exc}.") from None
+    return parse(data, target)
+
+
+def _read(path: Path) -> tuple[bytes, os.stat_result]:
+    # fstat the descriptor we read, so the trust check and the content cannot be two different files.
+    with path.open("rb") as fh:
+        return fh.read(1 << 20), os.fstat(fh.fileno())

@@ -1,0 +1,250 @@
+"""The pure decision core: observations in, an ordered restore plan out. No I/O, no clock of its own.
+
+decide() is called with every fresh Observation; record() with every RestoreResult. Both return a
+new CoreState, so the whole policy (ordering, tuning snapshot, backoff, restart breaker) is testable
+as a table of inputs and outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from ctwatchd.config import Config, DockerMode
+from ctwatchd.model import (
+    CANONICAL_ORDER,
+    CONNTRACK,
+    CONNTRACK_IPV4,
+    NAT,
+    NAT_IPV4,
+    ModuleState,
+    Observation,
+    Outcome,
+    RestorePlan,
+    RestoreResult,
+    Step,
+    StepKind,
+    normalize_value,
+)
+
+# Modules that only exist on old kernels, with the first release that folded them into their parent.
+LEGACY = {CONNTRACK_IPV4: (CONNTRACK, (4, 19)), NAT_IPV4: (NAT, (5, 1))}
+
+# How long a module may stay in "coming"/"going" before we call it stuck rather than busy.
+TRANSIENT_GRACE = 10.0
+# How soon to look again while a module is coming or going.
+TRANSIENT_RECHECK = 0.2
+
+
+def kernel_version(release: str) -> tuple[int, int]:
+    """'4.18.0-553.el8.x86_64' -> (4, 18); unparsable releases count as new."""
+    parts = release.split("-", 1)[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return (99, 0)
+
+
+def effective_modules(desired: Sequence[str], obs: Observation) -> tuple[str, ...]:
+    """The desired set plus the legacy per-family modules this kernel still has on disk."""
+    version = kernel_version(obs.release)
+    out = list(desired)
+    for legacy, (parent, fixed_in) in LEGACY.items():
+        status = obs.modules.get(legacy)
+        if (parent in desired and legacy not in out and version < fixed_in and status is not None
+                and status.state is not ModuleState.UNAVAILABLE):
+            out.append(legacy)
+    return tuple(out)
+
+
+def dependency_order(names: Sequence[str], deps: Mapping[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """Order modules so each comes after the ones it depends on (modules.dep), the runbook's order otherwise."""
+
+    def rank(name: str) -> tuple[int, int]:
+        canon = CANONICAL_ORDER.index(name) if name in CANONICAL_ORDER else len(CANONICAL_ORDER)
+        return (canon, list(names).index(name))
+
+    wanted = set(names)
+    ordered: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in ordered or name in visiting:
+            return  # a cycle in modules.dep cannot happen in a sane tree; do not recurse forever
+        visiting.add(name)
+        for dep in sorted((d for d in deps.get(name, ()) if d in wanted), key=rank):
+            visit(dep)
+        visiting.discard(name)
+        ordered.append(name)
+
+    for name in sorted(names, key=rank):
+        visit(name)
+    return tuple(ordered)
+
+
+@dataclass(frozen=True)
+class Health:
+    healthy: bool
+    problems: tuple[str, ...]
+    breaker_open: bool = False
+
+    def summary(self, obs: Observation, modules: Sequence[str]) -> str:
+        """The one-line STATUS= text."""
+        parts = [f"{m} {obs.modules[m].state.value}" for m in modules if m in obs.modules]
+        head = "healthy" if self.healthy else "degraded: " + "; ".join(self.problems)
+        tail = "; restart breaker open (docker/hooks paused)" if self.breaker_open else ""
+        return f"{head} ({', '.join(parts)}){tail}"
+
+
+@dataclass(frozen=True)
+class CoreState:
+    tuning: Mapping[str, str] = field(default_factory=dict)  # last tuned nf_conntrack_* values seen live
+    conntrack_reloaded: bool = False  # nf_conntrack went away since `tuning` was taken: reapply it
+    failures: int = 0  # consecutive failed restores
+    retry_at: float | None = None  # backoff: no new restore before this monotonic time
+    restarts: tuple[float, ...] = ()  # when docker/hooks last ran, for the breaker window
+    transient_since: Mapping[str, float] = field(default_factory=dict)
+    restores: int = 0
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: CoreState
+    plan: RestorePlan
+    wake_at: float | None  # look again at this time even without a poll or event
+    health: Health
+
+
+def breaker_open(cfg: Config, state: CoreState, now: float) -> bool:
+    return len(recent_restarts(cfg, state, now)) >= cfg.max_restarts
+
+
+def recent_restarts(cfg: Config, state: CoreState, now: float) -> tuple[float, ...]:
+    return tuple(t for t in state.restarts if now - t < cfg.restart_window)
+
+
+def assess(cfg: Config, obs: Observation, state: CoreState, now: float) -> Health:
+    """Is the host in the desired state? Built-in counts as healthy; everything else is named."""
+    problems: list[str] = []
+    for name in effective_modules(cfg.modules, obs):
+        st = obs.modules.get(name)
+        if st is None:
+            problems.append(f"{name} was not observed")
+        elif st.state is ModuleState.BLOCKED:
+            problems.append(f"{name} blocked by {st.blocker}")
+        elif not st.state.satisfied:
+            problems.append(f"{name} {st.state.value}" + (f" ({st.detail})" if st.detail else ""))
+    if CONNTRACK in cfg.modules and obs.conntrack_count is None:
+        problems.append("nf_conntrack_count unreadable")
+    for key, want in cfg.sysctls:
+        have = obs.sysctls.get(key)
+        if have is None:
+            problems.append(f"{key} missing")
+        elif normalize_value(have) != normalize_value(want):
+            problems.append(f"{key}={normalize_value(have)} (want {want})")
+    return Health(not problems, tuple(problems), breaker_open(cfg, state, now))
+
+
+def _snapshot(cfg: Config, state: CoreState, obs: Observation) -> CoreState:
+    """Keep the tuned conntrack values while nf_conntrack is live and not freshly reloaded."""
+    if not cfg.keep_conntrack_tuning:
+        return state
+    status = obs.modules.get(CONNTRACK)
+    if status is None or status.state is ModuleState.BUILTIN:
+        return state  # a built-in conntrack is never reloaded, so its values never reset
+    if status.state is ModuleState.LIVE:
+        if state.conntrack_reloaded:
+            desired = cfg.sysctl_map
+            back = all(normalize_value(obs.tuning.get(k, "")) == normalize_value(v)
+                       for k, v in state.tuning.items() if k not in desired)
+            if not back:
+                return state  # still the kernel's defaults: the snapshot must not learn them
+            state = replace(state, conntrack_reloaded=False)
+        if obs.tuning and obs.tuning != state.tuning:
+            return replace(state, tuning=dict(obs.tuning))
+        return state
+    if state.tuning and not state.conntrack_reloaded:
+        return replace(state, conntrack_reloaded=True)
+    return state
+
+
+def _transients(state: CoreState, obs: Observation, names: Sequence[str], now: float) -> CoreState:
+    since = {n: state.transient_since.get(n, now) for n in names
+             if (s := obs.modules.get(n)) is not None and s.state.transient}
+    return replace(state, transient_since=since) if since != state.transient_since else state
+
+
+def decide(cfg: Config, state: CoreState, obs: Observation, now: float) -> Decision:
+    """Turn one observation into the ordered plan that brings the host back to the desired state."""
+    names = effective_modules(cfg.modules, obs)
+    state = _transients(_snapshot(cfg, state, obs), obs, names, now)
+    health = assess(cfg, obs, state, now)
+
+    busy = [n for n, t in state.transient_since.items() if now - t < TRANSIENT_GRACE]
+    if busy:
+        # A module in the middle of loading or unloading: modprobe now would race it. Look again soon.
+        return Decision(state, RestorePlan((), f"waiting for {', '.join(busy)}"), now + TRANSIENT_RECHECK,
+                        health)
+    if state.retry_at is not None and now < state.retry_at:
+        return Decision(state, RestorePlan((), "backing off after a failed restore"), state.retry_at, health)
+
+    to_load = [n for n in names if (s := obs.modules.get(n)) is not None and s.state is ModuleState.ABSENT]
+    to_load = list(dependency_order(to_load, obs.deps))
+    steps = [Step(StepKind.LOAD_MODULE, module=n) for n in to_load]
+    if CONNTRACK in to_load:
+        steps.append(Step(StepKind.VERIFY_CONNTRACK))
+
+    writes = _sysctl_writes(cfg, state, obs, reloading=bool(to_load), conntrack=CONNTRACK in to_load)
+    if writes:
+        steps.append(Step(StepKind.WRITE_SYSCTLS, sysctls=writes))
+
+    skipped = False
+    if to_load and (cfg.docker is DockerMode.IF_ACTIVE or cfg.hooks):
+        if breaker_open(cfg, state, now):
+            skipped = True
+        else:
+            if cfg.docker is DockerMode.IF_ACTIVE:
+                steps.append(Step(StepKind.RESTART_DOCKER))
+            steps.extend(Step(StepKind.RUN_HOOK, argv=argv) for argv in cfg.hooks)
+
+    if to_load:
+        reason = "not loaded: " + ", ".join(to_load)
+    elif writes:
+        reason = "sysctl drift: " + ", ".join(k for k, _ in writes)
+    else:
+        reason = "healthy" if health.healthy else "nothing ctwatchd can do: " + "; ".join(health.problems)
+    return Decision(state, RestorePlan(tuple(steps), reason, skipped), None, health)
+
+
+def _sysctl_writes(cfg: Config, state: CoreState, obs: Observation, *, reloading: bool,
+                   conntrack: bool) -> tuple[tuple[str, str], ...]:
+    desired = dict(cfg.sysctls)
+    writes: dict[str, str] = {}
+    for key, want in cfg.sysctls:
+        have = obs.sysctls.get(key)
+        # After loading modules every desired key is written: the files appear with the load. Without a
+        # load, a missing file cannot be fixed by writing it, so only existing, drifted keys are planned.
+        if reloading or (have is not None and normalize_value(have) != normalize_value(want)):
+            writes[key] = want
+    if conntrack or state.conntrack_reloaded:
+        for key, value in sorted(state.tuning.items()):
+            if key in desired:
+                continue  # [sysctl] wins over the snapshot
+            have = obs.tuning.get(key)
+            if conntrack or have is None or normalize_value(have) != normalize_value(value):
+                writes[key] = value
+    return tuple(writes.items())
+
+
+def record(cfg: Config, state: CoreState, result: RestoreResult, now: float) -> CoreState:
+    """Fold a finished restore into the state: backoff on failure, breaker bookkeeping, tuning reapplied."""
+    restarts = recent_restarts(cfg, state, now)
+    if any(r.step.kind in (StepKind.RESTART_DOCKER, StepKind.RUN_HOOK) and r.outcome is not Outcome.SKIPPED
+           for r in result.results):
+        restarts = (*restarts, now)
+    restores = state.restores + (1 if result.plan.modules else 0)
+    if result.ok:
+        return replace(state, failures=0, retry_at=None, restarts=restarts, restores=restores)
+    failures = state.failures + 1
+    delay = min(cfg.backoff_initial * 2 ** (failures - 1), cfg.backoff_max)
+    return replace(state, failures=failures, retry_at=now + delay, restarts=restarts, restores=restores)

@@ -1,0 +1,174 @@
+"""Carrying out a RestorePlan: each step run, verified, audited; the first failure stops the rest.
+
+Nothing is undone on failure: every step moves the host towards the desired state (a loaded module,
+a desired sysctl), so "undo" would only make things worse. The executor never raises.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ctwatchd.config import Config
+from ctwatchd.kernel import KernelProbe, sysctl_path
+from ctwatchd.model import (
+    Outcome,
+    RestorePlan,
+    RestoreResult,
+    Step,
+    StepKind,
+    StepResult,
+    normalize_value,
+)
+from ctwatchd.runner import Completed, Runner
+
+LIVE_WAIT = 2.0  # modprobe returns after init; allow a little for initstate to read "live"
+DOCKER_UNIT = "docker.service"
+
+
+def first_existing(candidates: tuple[str, ...], root: Path = Path("/")) -> str:
+    for c in candidates:
+        if os.path.exists(root / c.lstrip("/")):
+            return c
+    return candidates[0]
+
+
+def modprobe_path(cfg: Config) -> str:
+    return cfg.modprobe or first_existing(("/usr/sbin/modprobe", "/sbin/modprobe"))
+
+
+def systemctl_path(cfg: Config) -> str:
+    return cfg.systemctl or first_existing(("/usr/bin/systemctl", "/bin/systemctl"))
+
+
+@dataclass
+class Executor:
+    cfg: Config
+    probe: KernelProbe
+    runner: Runner
+    log: Any  # a structlog bound logger
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+
+    def execute(self, plan: RestorePlan) -> RestoreResult:
+        start = self.clock()
+        results: list[StepResult] = []
+        stopped: StepResult | None = None
+        for step in plan.steps:
+            if stopped is not None:
+                results.append(StepResult(step, Outcome.SKIPPED, 0.0, f"not run: {_name(stopped.step)} "
+                                                                      f"{stopped.outcome.value}"))
+                continue
+            t0 = self.clock()
+            try:
+                outcome, detail = self._run(step)
+            except Exception as exc:  # noqa: BLE001 - the executor must never take the daemon down
+                outcome, detail = Outcome.FAILED, f"internal error: {type(exc).__name__}: {exc}"
+            result = StepResult(step, outcome, round((self.clock() - t0) * 1000, 1), detail)
+            results.append(result)
+            self._audit(result)
+            if outcome in (Outcome.FAILED, Outcome.INTERRUPTED):
+                stopped = result
+        return RestoreResult(plan, tuple(results), round((self.clock() - start) * 1000, 1))
+
+    def _audit(self, r: StepResult) -> None:
+        level = "info" if r.outcome in (Outcome.OK, Outcome.SKIPPED) else "error"
+        getattr(self.log, level)(
+            "restore.step", action=r.step.kind.value, module=r.step.module, result=r.outcome.value,
+            duration_ms=r.duration_ms, detail=r.detail or None,
+            argv=" ".join(r.step.argv) if r.step.argv else None,
+        )
+
+    def _run(self, step: Step) -> tuple[Outcome, str]:
+        if step.kind is StepKind.LOAD_MODULE:
+            return self._load(step.module or "")
+        if step.kind is StepKind.VERIFY_CONNTRACK:
+            count = self.probe.conntrack_count()
+            if count is None or count < 0:
+                return Outcome.FAILED, "/proc/sys/net/netfilter/nf_conntrack_count is not readable"
+            return Outcome.OK, f"nf_conntrack_count={count}"
+        if step.kind is StepKind.WRITE_SYSCTLS:
+            return self._sysctls(step.sysctls)
+        if step.kind is StepKind.RESTART_DOCKER:
+            return self._docker()
+        return self._completed(self.runner.run(step.argv, self.cfg.hook_timeout))
+
+    def _load(self, name: str) -> tuple[Outcome, str]:
+        done = self.runner.run([modprobe_path(self.cfg), name], self.cfg.module_timeout)
+        if not done.ok:
+            return self._completed(done)
+        deadline = self.clock() + LIVE_WAIT
+        while True:
+            state = self.probe.initstate(name)
+            if state == "live":
+                return Outcome.OK, "initstate live"
+            if self.clock() >= deadline:
+                break
+            self.sleep(0.01)
+        if state is None:
+            return Outcome.FAILED, (f"modprobe {name} succeeded but /sys/module/{name}/initstate does not exist; "
+                                    "an 'install' rule in modprobe.d may be replacing the load")
+        return Outcome.FAILED, f"modprobe {name} succeeded but /sys/module/{name}/initstate is {state!r}"
+
+    def _sysctls(self, pairs: tuple[tuple[str, str], ...]) -> tuple[Outcome, str]:
+        failures: list[str] = []
+        for key, value in pairs:
+            problem = write_sysctl(self.probe.proc_sys, key, value)
+            self.log.info("sysctl.write", key=key, value=value, result="ok" if problem is None else "failed",
+                          detail=problem)
+            if problem is not None:
+                failures.append(problem)
+        if failures:
+            return Outcome.FAILED, "; ".join(failures)
+        return Outcome.OK, f"{len(pairs)} value(s) written and read back"
+
+    def _docker(self) -> tuple[Outcome, str]:
+        systemctl = systemctl_path(self.cfg)
+        active = self.runner.run([systemctl, "is-active", "--quiet", DOCKER_UNIT], 10.0)
+        if active.error or active.timed_out or active.interrupted:
+            return self._completed(active)
+        if not active.ok:
+            return Outcome.SKIPPED, f"{DOCKER_UNIT} is not active"
+        return self._completed(self.runner.run([systemctl, "try-restart", DOCKER_UNIT],
+                                               self.cfg.docker_timeout))
+
+    @staticmethod
+    def _completed(done: Completed) -> tuple[Outcome, str]:
+        if done.ok:
+            return Outcome.OK, f"{os.path.basename(done.argv[0])} exited 0"
+        return (Outcome.INTERRUPTED if done.interrupted else Outcome.FAILED), done.why()
+
+
+def write_sysctl(proc_sys: Path, key: str, value: str) -> str | None:
+    """Write one sysctl and read it back; None on success, else a sentence naming key and cause."""
+    try:
+        path = sysctl_path(proc_sys, key)
+    except ValueError as exc:
+        return str(exc)
+    try:
+        # O_WRONLY without O_CREAT/O_TRUNC: a missing /proc/sys file is an error, never created.
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, value.encode() + b"\n")
+        finally:
+            os.close(fd)
+        with open(path, "rb") as fh:
+            back = fh.read(4096).decode("ascii", "replace")
+    except OSError as exc:
+        reason = {errno.ENOENT: "does not exist", errno.EPERM: "permission denied (EPERM)",
+                  errno.EACCES: "permission denied (EACCES)", errno.EROFS: "read-only file system (EROFS)",
+                  errno.EINVAL: f"the kernel rejected the value {value!r} (EINVAL)"}.get(
+                      exc.errno or 0, exc.strerror or str(exc))
+        return f"{key}: cannot write {path}: {reason}"
+    if normalize_value(back) != normalize_value(value):
+        return f"{key}: wrote {value!r} but read back {normalize_value(back)!r}"
+    return None
+
+
+def _name(step: Step) -> str:
+    return f"{step.kind.value} {step.module}" if step.module else step.kind.value

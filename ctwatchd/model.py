@@ -1,0 +1,145 @@
+"""Small immutable values shared by the probe, the decision core and the executor."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+# A loadable module name as modprobe accepts it: no path, no option, no glob.
+MODULE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+CONNTRACK = "nf_conntrack"
+NAT = "nf_nat"
+BR_NETFILTER = "br_netfilter"
+CONNTRACK_IPV4 = "nf_conntrack_ipv4"
+NAT_IPV4 = "nf_nat_ipv4"
+
+# The order the seed's runbook loads them in; used where modules.dep says nothing.
+CANONICAL_ORDER = (CONNTRACK, CONNTRACK_IPV4, NAT, NAT_IPV4, BR_NETFILTER)
+
+
+def normalize_module(name: str) -> str:
+    """Modprobe treats '-' and '_' alike; we store the underscore form."""
+    return name.replace("-", "_")
+
+
+def normalize_value(value: str) -> str:
+    """Sysctl values compare by their whitespace-separated fields ("4096\\t16384" == "4096 16384")."""
+    return " ".join(value.split())
+
+
+class ModuleState(StrEnum):
+    LIVE = "live"
+    COMING = "coming"
+    GOING = "going"
+    ABSENT = "absent"  # not loaded, loadable from disk
+    BUILTIN = "built-in"
+    UNAVAILABLE = "unavailable"  # neither loaded, nor built in, nor on disk
+    BLOCKED = "blocked"  # not loaded and modprobe.d forbids loading it
+
+    @property
+    def satisfied(self) -> bool:
+        return self in (ModuleState.LIVE, ModuleState.BUILTIN)
+
+    @property
+    def transient(self) -> bool:
+        return self in (ModuleState.COMING, ModuleState.GOING)
+
+
+@dataclass(frozen=True)
+class ModuleStatus:
+    name: str
+    state: ModuleState
+    detail: str = ""  # the evidence, as a sentence fragment
+    blocker: str | None = None  # the modprobe.d rule, also reported when the module is live
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One reading of the kernel: what /sys and /proc say right now."""
+
+    release: str
+    modules: Mapping[str, ModuleStatus]  # desired modules and the legacy candidates
+    sysctls: Mapping[str, str | None]  # desired keys -> current value, None when the file is missing
+    conntrack_count: int | None  # None when /proc/sys/net/netfilter/nf_conntrack_count is unreadable
+    tuning: Mapping[str, str] = field(default_factory=dict)  # writable nf_conntrack_* values now
+    deps: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # from modules.dep
+
+
+class StepKind(StrEnum):
+    LOAD_MODULE = "load-module"
+    VERIFY_CONNTRACK = "verify-conntrack"
+    WRITE_SYSCTLS = "write-sysctls"
+    RESTART_DOCKER = "restart-docker"
+    RUN_HOOK = "run-hook"
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: StepKind
+    module: str | None = None
+    sysctls: tuple[tuple[str, str], ...] = ()
+    argv: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.kind is StepKind.LOAD_MODULE:
+            return f"modprobe {self.module}, then verify /sys/module/{self.module}/initstate is live"
+        if self.kind is StepKind.VERIFY_CONNTRACK:
+            return "verify /proc/sys/net/netfilter/nf_conntrack_count is readable"
+        if self.kind is StepKind.WRITE_SYSCTLS:
+            return "write and read back " + ", ".join(f"{k}={v}" for k, v in self.sysctls)
+        if self.kind is StepKind.RESTART_DOCKER:
+            return "systemctl try-restart docker.service (if active)"
+        return "run hook " + " ".join(self.argv)
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    steps: tuple[Step, ...]
+    reason: str  # why this plan exists, for the audit record
+    skipped_restarts: bool = False  # docker/hooks left out because the breaker is open
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return tuple(s.module for s in self.steps if s.kind is StepKind.LOAD_MODULE and s.module)
+
+    def __bool__(self) -> bool:
+        return bool(self.steps)
+
+
+class Outcome(StrEnum):
+    OK = "ok"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # not run: an earlier step failed, or nothing to do
+    INTERRUPTED = "interrupted"  # stop requested while it ran
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: Step
+    outcome: Outcome
+    duration_ms: float
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    plan: RestorePlan
+    results: tuple[StepResult, ...]
+    duration_ms: float
+
+    @property
+    def ok(self) -> bool:
+        return all(r.outcome in (Outcome.OK, Outcome.SKIPPED) for r in self.results) and not self.failed
+
+    @property
+    def failed(self) -> StepResult | None:
+        for r in self.results:
+            if r.outcome in (Outcome.FAILED, Outcome.INTERRUPTED):
+                return r
+        return None
+
+    def ran(self, kind: StepKind) -> bool:
+        return any(r.step.kind is kind and r.outcome is Outcome.OK for r in self.results)

@@ -1,0 +1,81 @@
+"""sd_notify to systemd, through sdnotify, kept in this one module.
+
+sdnotify is small and unmaintained and swallows every error; we run it in debug mode so errors reach
+us, report each kind once, reconnect on the next message, and never let a notify failure hurt the
+daemon. Without NOTIFY_SOCKET everything here is a no-op (gunicorn's rule).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import sdnotify
+
+
+def watchdog_interval(env: Mapping[str, str], pid: int) -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None when no watchdog is ours."""
+    usec = env.get("WATCHDOG_USEC")
+    if not usec:
+        return None
+    owner = env.get("WATCHDOG_PID")
+    if owner and owner.strip() != str(pid):
+        return None
+    try:
+        value = int(usec)
+    except ValueError:
+        return None
+    return value / 2_000_000 if value > 0 else None
+
+
+class Notifier:
+    def __init__(self, env: Mapping[str, str] | None = None, *,
+                 on_error: Callable[[str], None] | None = None) -> None:
+        env = os.environ if env is None else env
+        self.enabled = bool(env.get("NOTIFY_SOCKET"))
+        self.on_error = on_error
+        self._impl: Any = None
+        self._reported: set[str] = set()
+        self.sent: int = 0
+
+    def _connect(self) -> Any:  # noqa: ANN401
+        if self._impl is None:
+            self._impl = sdnotify.SystemdNotifier(debug=True)
+        return self._impl
+
+    def send(self, *lines: str) -> bool:
+        """One datagram with all lines (e.g. READY=1 and STATUS=…); False if it did not go out."""
+        if not self.enabled:
+            return False
+        try:
+            self._connect().notify("\n".join(lines))
+        except (OSError, TypeError, AttributeError) as exc:
+            self._impl = None  # reconnect next time: systemd may have come back
+            kind = type(exc).__name__ + (f":{exc.errno}" if isinstance(exc, OSError) else "")
+            if kind not in self._reported and self.on_error is not None:
+                self._reported.add(kind)
+                self.on_error(f"{exc}")
+            return False
+        self.sent += 1
+        return True
+
+    def ready(self, status: str) -> bool:
+        return self.send("READY=1", f"STATUS={_line(status)}", f"MAINPID={os.getpid()}")
+
+    def status(self, status: str) -> bool:
+        return self.send(f"STATUS={_line(status)}")
+
+    def reloading(self, monotonic_usec: int) -> bool:
+        # MONOTONIC_USEC lets systemd ≥ 253 tell this reload from an earlier one (Type=notify-reload).
+        return self.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}", "STATUS=reloading configuration")
+
+    def stopping(self) -> bool:
+        return self.send("STOPPING=1", "STATUS=stopping")
+
+    def watchdog(self) -> bool:
+        return self.send("WATCHDOG=1")
+
+
+def _line(text: str) -> str:
+    return " ".join(text.split())[:400]

@@ -1,0 +1,138 @@
+"""Running external commands: argv lists only, fixed environment, own process group, hard timeout.
+
+The wait is a selectors loop over the child's pidfd and output pipe, so the caller's `tick` (watchdog
+ping, signal check) keeps running while modprobe or a hook works, and a stop request or a timeout
+kills the whole process group, not only the direct child.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+SAFE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "LANG": "C"}
+OUTPUT_LIMIT = 16 * 1024  # keep the tail of this much output; the rest is read and dropped
+TERM_GRACE = 2.0  # after SIGTERM to the group, SIGKILL follows this many seconds later
+TICK = 0.25
+
+
+@dataclass(frozen=True)
+class Completed:
+    argv: tuple[str, ...]
+    returncode: int | None  # None: it did not exit by itself (timeout, stop, or never started)
+    output: str
+    duration_ms: float
+    timed_out: bool = False
+    interrupted: bool = False
+    error: str | None = None  # could not start: the sentence says why
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def why(self) -> str:
+        """One sentence fragment for the audit record."""
+        name = self.argv[0] if self.argv else "?"
+        if self.error:
+            return self.error
+        if self.timed_out:
+            return f"{name} did not finish within its timeout; its process group was killed"
+        if self.interrupted:
+            return f"{name} was stopped because ctwatchd is stopping"
+        last = self.output.strip().splitlines()[-1:] or [""]
+        if self.returncode is not None and self.returncode < 0:
+            return f"{name} was killed by signal {-self.returncode}" + (f": {last[0]}" if last[0] else "")
+        return f"{name} exited with status {self.returncode}" + (f": {last[0][:300]}" if last[0] else "")
+
+
+class Runner:
+    def __init__(self, *, tick: Callable[[], bool] | None = None, env: dict[str, str] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        # tick() runs at least every TICK seconds while waiting; True means "stop now".
+        self.tick = tick
+        self.env = dict(SAFE_ENV if env is None else env)
+        self.clock = clock
+
+    def run(self, argv: Sequence[str], timeout: float) -> Completed:
+        args = tuple(argv)
+        start = self.clock()
+        if not args or not os.path.isabs(args[0]):
+            return Completed(args, None, "", 0.0, error=f"{args[0] if args else '(empty)'} is not an absolute path")
+        try:
+            proc = subprocess.Popen(  # noqa: S603 - argv list, absolute path, no shell
+                args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                env=self.env, close_fds=True, start_new_session=True, cwd="/",
+            )
+        except OSError as exc:
+            return Completed(args, None, "", (self.clock() - start) * 1000,
+                             error=f"cannot run {args[0]}: {exc.strerror or exc}")
+        assert proc.stdout is not None
+        out = bytearray()
+        timed_out = interrupted = False
+        pidfd = os.pidfd_open(proc.pid)
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        sel.register(pidfd, selectors.EVENT_READ)
+        deadline = start + timeout
+        exited_at: float | None = None
+        try:
+            while True:
+                now = self.clock()
+                if exited_at is None and proc.poll() is not None:
+                    exited_at = now
+                # A child that leaves a grandchild holding the pipe must not keep us: short grace, then go.
+                if exited_at is not None and (not sel.get_map() or now - exited_at > 0.2):
+                    break
+                if exited_at is None and now >= deadline:
+                    timed_out = True
+                    break
+                if exited_at is None and self.tick is not None and self.tick():
+                    interrupted = True
+                    break
+                wait = min(TICK, max(0.0, deadline - now)) if exited_at is None else 0.05
+                for key, _ in sel.select(wait):
+                    if key.fileobj is proc.stdout:
+                        chunk = os.read(proc.stdout.fileno(), 65536)
+                        if not chunk:
+                            sel.unregister(proc.stdout)
+                            continue
+                        out += chunk
+                        if len(out) > 2 * OUTPUT_LIMIT:
+                            del out[:-OUTPUT_LIMIT]
+                    else:
+                        sel.unregister(pidfd)
+                        proc.poll()
+            if timed_out or interrupted:
+                _kill_group(proc)
+        finally:
+            sel.close()
+            os.close(pidfd)
+            proc.stdout.close()
+            if proc.returncode is None:
+                _kill_group(proc)
+        rc = None if (timed_out or interrupted) else proc.returncode
+        text = bytes(out[-OUTPUT_LIMIT:]).decode("utf-8", "replace")
+        return Completed(args, rc, text, (self.clock() - start) * 1000, timed_out, interrupted)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the child's process group, SIGKILL it if it lingers, and reap the child."""
+    for sig, grace in ((signal.SIGTERM, TERM_GRACE), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # leftovers of the group, if any
+        except ProcessLookupError:
+            pass
+        return
