@@ -188,7 +188,10 @@ def decide(cfg: Config, state: CoreState, obs: Observation, now: float) -> Decis
     if state.retry_at is not None and now < state.retry_at:
         return Decision(state, RestorePlan((), "backing off after a failed restore"), state.retry_at, health)
 
-    to_load = [n for n in names if (s := obs.modules.get(n)) is not None and s.state is ModuleState.ABSENT]
+    blocked = {n for n, s in obs.modules.items() if s.state is ModuleState.BLOCKED}
+    # modprobe would pull a blocked dependency in along with its user: that is fighting the block too.
+    to_load = [n for n in names if (s := obs.modules.get(n)) is not None and s.state is ModuleState.ABSENT
+               and not blocked.intersection(obs.deps.get(n, ()))]
     to_load = list(dependency_order(to_load, obs.deps))
     steps = [Step(StepKind.LOAD_MODULE, module=n) for n in to_load]
     if CONNTRACK in to_load:

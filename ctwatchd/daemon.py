@@ -49,7 +49,7 @@ class Daemon:
         self.reload_config = reload_config
         self.monitor_factory = monitor_factory
         self.env = dict(os.environ if env is None else env)
-        self.notifier = notifier or Notifier(self.env, on_error=lambda d: log.warning("notify.failed", detail=d))
+        self.notifier = notifier or Notifier(on_error=lambda d: log.warning("notify.failed", detail=d))
         self.clock = clock
         self.watchdog_every = watchdog_interval(self.env, os.getpid())
         self.state = CoreState()

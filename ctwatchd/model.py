@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 # A loadable module name as modprobe accepts it: no path, no option, no glob.
-MODULE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MODULE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")  # no leading "-": not an option
 
 CONNTRACK = "nf_conntrack"
 NAT = "nf_nat"

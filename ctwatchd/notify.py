@@ -30,10 +30,9 @@ def watchdog_interval(env: Mapping[str, str], pid: int) -> float | None:
 
 
 class Notifier:
-    def __init__(self, env: Mapping[str, str] | None = None, *,
-                 on_error: Callable[[str], None] | None = None) -> None:
-        env = os.environ if env is None else env
-        self.enabled = bool(env.get("NOTIFY_SOCKET"))
+    def __init__(self, *, on_error: Callable[[str], None] | None = None) -> None:
+        # sdnotify reads NOTIFY_SOCKET from os.environ itself, so that is the one source of truth.
+        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
         self.on_error = on_error
         self._impl: Any = None
         self._reported: set[str] = set()

@@ -1,0 +1,156 @@
+"""Audit records: the journald field mapping, the native protocol over a real socket, the catalog."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import socket
+import struct
+from pathlib import Path
+
+import pytest
+import structlog
+
+from ctwatchd import audit
+from ctwatchd.config import LogFormat
+
+CATALOG = Path(__file__).resolve().parents[2] / "systemd" / "ctwatchd.catalog"
+
+
+def parse_native(data: bytes) -> dict[str, str]:
+    """Decode journald's native datagram format (both the = and the binary-length forms)."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(data):
+        nl = data.index(b"\n", i)
+        line = data[i:nl]
+        if b"=" in line:
+            k, v = line.split(b"=", 1)
+            out[k.decode()] = v.decode()
+            i = nl + 1
+        else:
+            (size,) = struct.unpack("<Q", data[nl + 1:nl + 9])
+            out[line.decode()] = data[nl + 9:nl + 9 + size].decode()
+            i = nl + 9 + size + 1
+    return out
+
+
+def test_fields_are_indexed_by_the_documented_names() -> None:
+    """MODULE, ACTION, RESULT, DURATION_MS, CTWATCHD_EVENT, MESSAGE_ID, PRIORITY are set."""
+    fields = audit.journal_fields({"event": "restore.step", "module": "nf_nat", "action": "load-module",
+                                   "result": "ok", "duration_ms": 12.5, "detail": "initstate live",
+                                   "message": "m", "skipme": None}, "info")
+    assert fields["MODULE"] == "nf_nat" and fields["ACTION"] == "load-module" and fields["RESULT"] == "ok"
+    assert fields["DURATION_MS"] == "12.5"
+    assert fields["CTWATCHD_EVENT"] == "restore.step"
+    assert fields["CTWATCHD_DETAIL"] == "initstate live"
+    assert fields["MESSAGE_ID"] == audit.EVENTS["restore.step"].message_id
+    assert fields["PRIORITY"] == "6" and fields["SYSLOG_IDENTIFIER"] == "ctwatchd"
+    assert "CTWATCHD_SKIPME" not in fields
+    assert audit.journal_fields({"event": "x"}, "error")["PRIORITY"] == "3"
+
+
+def test_message_templates_render_sentences() -> None:
+    """Every event has a readable MESSAGE even when fields are missing."""
+    msg = audit.render_message("restore.step", {"action": "load-module", "module": "nf_nat", "result": "ok",
+                                                "duration_ms": 3.0, "detail": None})
+    assert msg == "restore step load-module nf_nat: ok in 3.0 ms"
+    assert audit.render_message("module.event", {}) == "kernel reported ? of module ?"
+
+
+def test_message_ids_are_unique_journald_ids() -> None:
+    """MESSAGE_IDs are 128-bit lowercase hex and distinct per event type."""
+    ids = [e.message_id for e in audit.EVENTS.values()]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+
+
+def test_catalog_documents_every_message_id() -> None:
+    """systemd/ctwatchd.catalog has an entry for every MESSAGE_ID ctwatchd emits (journalctl -x)."""
+    text = CATALOG.read_text()
+    documented = set(re.findall(r"^-- ([0-9a-f]{32})$", text, re.M))
+    assert documented == {e.message_id for e in audit.EVENTS.values()}
+
+
+def test_native_protocol_over_a_real_datagram_socket(tmp_path: Path) -> None:
+    """Records arrive at a journald-like AF_UNIX socket intact, including multi-line values."""
+    path = str(tmp_path / "journal.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    try:
+        sink = audit.JournalSink(path)
+        assert sink.send({"MESSAGE": "two\nlines", "MODULE": "nf_nat"})
+        got = parse_native(server.recv(65536))
+    finally:
+        server.close()
+    assert got == {"MESSAGE": "two\nlines", "MODULE": "nf_nat"}
+
+
+def test_oversized_record_goes_by_memfd(tmp_path: Path) -> None:
+    """A record larger than a datagram is passed as a sealed memfd (SCM_RIGHTS), as sd_journal_send does."""
+    path = str(tmp_path / "journal.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    server.bind(path)
+    try:
+        sink = audit.JournalSink(path)
+        sink.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        big = "x" * 400_000
+        assert sink.send({"MESSAGE": "big", "CTWATCHD_DETAIL": big})
+        _, ancdata, _, _ = server.recvmsg(1024, socket.CMSG_SPACE(4))
+        (fd,) = struct.unpack("i", ancdata[0][2][:4])
+        with os.fdopen(fd, "rb") as fh:
+            fh.seek(0)  # the descriptor shares our write offset; journald mmaps it instead
+            got = parse_native(fh.read())
+    finally:
+        server.close()
+    assert got["CTWATCHD_DETAIL"] == big
+
+
+def test_missing_journal_socket_falls_back_to_stderr(tmp_path: Path) -> None:
+    """If journald is gone, the record still reaches stderr and nothing raises."""
+    err = io.StringIO()
+    sink = audit.JournalSink(str(tmp_path / "absent.sock"), fallback=err)
+    assert not sink.send({"MESSAGE": "restore ok"})
+    assert "restore ok" in err.getvalue()
+
+
+def test_journal_stream_must_match_stderr(tmp_path: Path) -> None:
+    """JOURNAL_STREAM counts only when it names the file stderr really is."""
+    f = tmp_path / "stream"
+    f.write_text("")
+    fd = os.open(f, os.O_WRONLY)
+    try:
+        st = os.fstat(fd)
+        assert audit.journal_wanted({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}, fd)
+        assert not audit.journal_wanted({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"}, fd)
+        assert not audit.journal_wanted({"JOURNAL_STREAM": "garbage"}, fd)
+        assert not audit.journal_wanted({}, fd)
+    finally:
+        os.close(fd)
+
+
+def test_configured_journal_logger_sends_structlog_events(tmp_path: Path) -> None:
+    """End to end: a structlog call becomes one journald datagram with the indexed fields."""
+    path = str(tmp_path / "journal.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    try:
+        assert audit.configure(LogFormat.JOURNAL, journal_socket=path) == "journal"
+        structlog.get_logger().warning("module.blocked", module="nf_conntrack", blocker="'install x /bin/true'")
+        got = parse_native(server.recv(65536))
+    finally:
+        server.close()
+    assert got["CTWATCHD_EVENT"] == "module.blocked" and got["MODULE"] == "nf_conntrack"
+    assert got["PRIORITY"] == "4"
+    assert got["MESSAGE"].startswith("module nf_conntrack is not loaded and modprobe.d blocks it")
+
+
+@pytest.mark.parametrize("fmt", [LogFormat.CONSOLE, LogFormat.JSON])
+def test_terminal_formats_are_one_line_per_event(capsys: pytest.CaptureFixture[str], fmt: LogFormat) -> None:
+    """On a terminal each event is one readable (or JSON) line on stderr."""
+    audit.configure(fmt, env={})
+    structlog.get_logger().info("restore.finished", result="ok", duration_ms=41.0)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "restore ok in 41.0 ms" in err[0]
