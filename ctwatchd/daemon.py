@@ -86,6 +86,10 @@ class Daemon:
             self._open_monitor()
             self._load_state()
             self.reconcile()
+            for _ in range(3):  # READY reports the verified state after a start-up restore
+                if self.hint != "verify":
+                    break
+                self.reconcile()
             self.notifier.ready(self.last_status)
             self.log.info("daemon.ready", status=self.last_status)
             self._ping_watchdog()

@@ -151,8 +151,8 @@ def write_sysctl(proc_sys: Path, key: str, value: str) -> str | None:
     except ValueError as exc:
         return str(exc)
     try:
-        # O_WRONLY without O_CREAT/O_TRUNC: a missing /proc/sys file is an error, never created.
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        # No O_CREAT: a missing /proc/sys file is an error, never created.
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
         try:
             os.write(fd, value.encode() + b"\n")
         finally:

@@ -1,0 +1,425 @@
+"""The daemon loop end to end in-process: a fake host tree, a fake monitor on a real pipe, a real
+notify socket and real signals. The loop does not know it is under test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from ctwatchd import config as configmod
+from ctwatchd import state as statefile
+from ctwatchd.audit import get_logger
+from ctwatchd.config import Config
+from ctwatchd.daemon import Daemon
+from ctwatchd.kernel import KernelProbe
+from ctwatchd.uevents import ModuleEvent, MonitorClosed, Overrun
+from fakehost import FakeHost
+
+ALL = ("nf_conntrack", "nf_nat", "br_netfilter")
+
+
+class FakeMonitor:
+    """Lines written to a real pipe: 'remove nf_nat', 'OVERRUN' or 'CLOSE'."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+        os.set_blocking(self.r, False)
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.r
+
+    def send(self, line: str) -> None:
+        os.write(self.w, line.encode() + b"\n")
+
+    def drain(self) -> list[ModuleEvent]:
+        try:
+            data = os.read(self.r, 65536).decode()
+        except BlockingIOError:
+            return []
+        out = []
+        for line in data.splitlines():
+            if line == "OVERRUN":
+                raise Overrun("ENOBUFS (test)")
+            if line == "CLOSE":
+                raise MonitorClosed("socket closed (test)")
+            action, module = line.split()
+            out.append(ModuleEvent(action, module))
+        return out
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.r)
+            os.close(self.w)
+            self.closed = True
+
+
+class Harness:
+    def __init__(self, host: FakeHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.host = host
+        self.notify_path = str(tmp_path / "notify.sock")
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(self.notify_path)
+        self.notify.settimeout(0.05)
+        monkeypatch.setenv("NOTIFY_SOCKET", self.notify_path)
+        self.messages: list[str] = []
+        self.monitor = FakeMonitor()
+        self.monitors = 0
+
+    def daemon(self, cfg: Config, *, env: dict[str, str] | None = None,
+               reload_config: Callable[[], Config] | None = None, monitor: bool = True) -> Daemon:
+        def factory() -> FakeMonitor:
+            self.monitors += 1
+            if self.monitors > 1:
+                self.monitor = FakeMonitor()
+            return self.monitor
+
+        return Daemon(cfg, probe=KernelProbe(self.host.root), log=get_logger(),
+                      reload_config=reload_config or (lambda: cfg), monitor_factory=factory if monitor else None,
+                      env=env or {})
+
+    def read_notify(self) -> list[str]:
+        while True:
+            try:
+                self.messages.append(self.notify.recv(4096).decode())
+            except (TimeoutError, BlockingIOError):
+                return self.messages
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.02)
+        raise AssertionError("condition not reached in time")
+
+    def wait_notify(self, text: str, after: int = 0, timeout: float = 10.0) -> int:
+        """Index of the first datagram at or after `after` containing text."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msgs = self.read_notify()
+            for i in range(after, len(msgs)):
+                if text in msgs[i]:
+                    return i
+        raise AssertionError(f"no notify message with {text!r}: {self.messages}")
+
+    def run(self, daemon: Daemon, driver: Callable[[], None], limit: float = 30.0) -> tuple[int, list[dict[str, Any]]]:
+        """Run the daemon in this (main) thread while `driver` acts from another, then SIGTERM."""
+        errors: list[BaseException] = []
+
+        def drive() -> None:
+            try:
+                driver()
+            except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+                errors.append(exc)
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        guard = threading.Timer(limit, lambda: os.kill(os.getpid(), signal.SIGTERM))
+        t = threading.Thread(target=drive, daemon=True)
+        with capture_logs() as logs:
+            guard.start()
+            t.start()
+            try:
+                code = daemon.run()
+            finally:
+                guard.cancel()
+                t.join(5)
+        if errors:
+            raise errors[0]
+        return code, logs
+
+
+@pytest.fixture
+def h(loaded: FakeHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
+    harness = Harness(loaded, tmp_path, monkeypatch)
+    yield harness
+    harness.notify.close()
+    harness.monitor.close()
+
+
+def cfg_for(host: FakeHost, **kw: Any) -> Config:
+    base = dict(modprobe=str(host.modprobe), poll_interval=60.0, state_file=host.root / "run/state.json")
+    base.update(kw)
+    return Config(**base)
+
+
+def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == name]
+
+
+def test_start_loads_missing_modules_before_ready(host: FakeHost, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The desired set is loaded at start; READY=1 comes after the first reconcile, with a STATUS."""
+    h = Harness(host, tmp_path, monkeypatch)
+    seen_live_at_ready: list[bool] = []
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        seen_live_at_ready.append(all(host.is_live(m) for m in ALL))
+
+    code, logs = h.run(h.daemon(cfg_for(host)), driver)
+    assert code == 0
+    assert seen_live_at_ready == [True]
+    assert host.modprobe_calls() == list(ALL)
+    ready = next(m for m in h.messages if "READY=1" in m)
+    assert "STATUS=healthy (nf_conntrack live, nf_nat live, br_netfilter live)" in ready
+    assert any("STOPPING=1" in m for m in h.read_notify())
+    assert [e["event"] for e in logs][-1] == "daemon.stopping"
+
+
+def test_uevent_triggers_restore_with_full_audit_trail(h: Harness) -> None:
+    """remove uevent -> re-read /sys -> plan -> steps -> finished, each one audit record."""
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        h.host.unload("br_netfilter")
+        h.monitor.send("remove br_netfilter")
+        h.wait_for(lambda: h.host.is_live("br_netfilter")
+                   and h.host.read_sysctl("net.bridge.bridge-nf-call-iptables") == "1")
+        h.wait_notify("STATUS=healthy", after=len(h.messages))
+
+    _, logs = h.run(h.daemon(cfg_for(h.host)), driver)
+    names = [e["event"] for e in logs]
+    i = names.index("module.event")
+    assert names[i:i + 3] == ["module.event", "module.state", "health.changed"]
+    assert logs[i]["module"] == "br_netfilter" and logs[i]["action"] == "remove"
+    planned = events(logs, "restore.planned")
+    assert len(planned) == 1 and planned[0]["modules"] == "br_netfilter"
+    assert [(e["action"], e["result"]) for e in events(logs, "restore.step")] == [
+        ("load-module", "ok"), ("write-sysctls", "ok")]
+    assert events(logs, "restore.finished")[0]["result"] == "ok"
+    assert h.host.modprobe_calls() == ["br_netfilter"]
+
+
+def test_unrelated_module_events_are_ignored(h: Harness) -> None:
+    """Events for modules we do not watch cause no reconcile work."""
+    d = h.daemon(cfg_for(h.host))
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        before = d.reconciles
+        for i in range(200):
+            h.monitor.send(f"add snd_dummy{i}")
+        time.sleep(0.3)
+        assert d.reconciles == before
+
+    _, logs = h.run(d, driver)
+    assert not events(logs, "module.event")
+
+
+def test_poll_is_the_safety_net_without_events(h: Harness) -> None:
+    """With no uevent at all, the poll notices the removal and restores."""
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        h.host.unload("nf_nat")
+        h.wait_for(lambda: h.host.is_live("nf_nat"), timeout=5)
+
+    _, logs = h.run(h.daemon(cfg_for(h.host, poll_interval=0.2), monitor=False), driver)
+    assert h.host.modprobe_calls() == ["nf_nat"]
+    assert not events(logs, "module.event")
+
+
+def test_overrun_resyncs_from_sys(h: Harness) -> None:
+    """A lost-events error is logged and the state is re-read, so a removal hidden in it is restored."""
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        h.host.unload("nf_nat")
+        h.monitor.send("OVERRUN")
+        h.wait_for(lambda: h.host.is_live("nf_nat"))
+
+    _, logs = h.run(h.daemon(cfg_for(h.host)), driver)
+    assert events(logs, "monitor.overrun")[0]["detail"] == "ENOBUFS (test)"
+    assert h.host.modprobe_calls() == ["nf_nat"]
+
+
+def test_closed_monitor_falls_back_to_polling_and_reopens(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead monitor is dropped, polling goes on, and a new monitor is opened later."""
+    monkeypatch.setattr("ctwatchd.daemon.MONITOR_RETRY", 0.3)
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        h.monitor.send("CLOSE")
+        h.wait_for(lambda: h.monitors == 2)
+        h.host.unload("br_netfilter")
+        h.monitor.send("remove br_netfilter")
+        h.wait_for(lambda: h.host.is_live("br_netfilter"))
+
+    _, logs = h.run(h.daemon(cfg_for(h.host)), driver)
+    assert "socket closed (test)" in events(logs, "monitor.failed")[0]["detail"]
+    assert events(logs, "module.event")
+
+
+def test_sighup_applies_a_valid_config_and_keeps_the_old_one_on_error(h: Harness) -> None:
+    """RELOADING=1 then READY=1 each time; a broken file is rejected and the old config stays."""
+    path = h.host.config('[sysctl]\n"net.bridge.bridge-nf-call-iptables" = "1"\n')
+
+    def reload() -> Config:
+        return configmod.load(path)
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        path.write_text(path.read_text().replace('"net.bridge.bridge-nf-call-iptables" = "1"',
+                                                 '"net.bridge.bridge-nf-call-iptables" = "0"'))
+        n = len(h.read_notify())
+        os.kill(os.getpid(), signal.SIGHUP)
+        r = h.wait_notify("RELOADING=1", after=n)
+        h.wait_notify("READY=1", after=r)
+        h.wait_for(lambda: h.host.read_sysctl("net.bridge.bridge-nf-call-iptables") == "0")
+        path.write_text("[watch]\nmodules = ['bad name']\n")
+        n = len(h.read_notify())
+        os.kill(os.getpid(), signal.SIGHUP)
+        r = h.wait_notify("RELOADING=1", after=n)
+        h.wait_notify("READY=1", after=r)
+
+    d = h.daemon(reload(), reload_config=reload)
+    code, logs = h.run(d, driver)
+    assert code == 0
+    assert len(events(logs, "config.loaded")) == 1
+    rejected = events(logs, "config.rejected")
+    assert len(rejected) == 1 and "modules[0] must be a plain module name" in rejected[0]["error"]
+    assert d.cfg.sysctl_map == {"net.bridge.bridge-nf-call-iptables": "0"}
+
+
+def test_watchdog_pings_continue_during_a_slow_step(h: Harness) -> None:
+    """WATCHDOG=1 is sent every half WATCHDOG_USEC, also while modprobe runs for a while."""
+    h.host.write_modprobe(extra="sleep 2.5")
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        h.host.unload("nf_nat")
+        h.monitor.send("remove nf_nat")
+        h.wait_for(lambda: h.host.is_live("nf_nat"), timeout=10)
+
+    t0 = time.monotonic()
+    h.run(h.daemon(cfg_for(h.host), env={"WATCHDOG_USEC": "1000000"}), driver)
+    elapsed = time.monotonic() - t0
+    pings = sum(1 for m in h.read_notify() if m == "WATCHDOG=1")
+    # 2.5 s of modprobe alone needs 5 pings at 0.5 s; a loop blocked by the step would send 1 or 2.
+    assert pings >= 5, (pings, elapsed)
+
+
+def test_sigterm_during_a_restore_stops_promptly(h: Harness) -> None:
+    """A stop in the middle of a hanging modprobe kills it and exits 0, bounded in time."""
+    h.host.write_modprobe(extra="sleep 60")
+    t_stop: list[float] = []
+
+    def driver() -> None:
+        h.wait_notify("READY=1")  # the start itself is healthy (all loaded)
+        h.host.unload("nf_nat")
+        h.monitor.send("remove nf_nat")
+        h.wait_for(lambda: "nf_nat" in h.host.modprobe_calls())
+        t_stop.append(time.monotonic())
+
+    code, logs = h.run(h.daemon(cfg_for(h.host)), driver)
+    assert code == 0
+    assert time.monotonic() - t_stop[0] < 8
+    step = events(logs, "restore.step")[0]
+    assert step["result"] == "interrupted"
+    assert events(logs, "daemon.stopping")[0]["signal"] == "SIGTERM"
+
+
+def test_blocked_module_is_reported_once_and_never_loaded(h: Harness) -> None:
+    """A modprobe.d blocker is named in the journal and the daemon does not loop on it."""
+    h.host.block("install nf_conntrack /bin/true")
+    h.host.unload("nf_nat")
+    h.host.unload("nf_conntrack")
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        time.sleep(1.0)  # five polls
+
+    _, logs = h.run(h.daemon(cfg_for(h.host, poll_interval=0.2)), driver)
+    blocked = events(logs, "module.blocked")
+    assert len(blocked) == 1 and blocked[0]["module"] == "nf_conntrack"
+    assert "/etc/modprobe.d/protect.conf:1" in blocked[0]["blocker"]
+    assert h.host.modprobe_calls() == []  # nf_nat needs nf_conntrack: not loaded either
+    ready = next(m for m in h.messages if "READY=1" in m)
+    assert "degraded" in ready and "nf_conntrack blocked by" in ready
+
+
+def test_tuned_conntrack_values_survive_a_reload_and_a_daemon_restart(h: Harness) -> None:
+    """Tuned nf_conntrack_max is back after conntrack reloads, also across a daemon crash/restart."""
+    host = h.host
+    host.write_sysctl("net.netfilter.nf_conntrack_max", "1048576")
+    host.write_sysctl("net.netfilter.nf_conntrack_tcp_timeout_established", "7200")
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        for m in ("br_netfilter", "nf_nat", "nf_conntrack"):
+            host.unload(m)
+        h.monitor.send("remove nf_conntrack")
+        h.wait_for(lambda: host.read_sysctl("net.netfilter.nf_conntrack_max") == "1048576")
+
+    h.run(h.daemon(cfg_for(host)), driver)
+    assert host.read_sysctl("net.netfilter.nf_conntrack_tcp_timeout_established") == "7200"
+    saved = statefile.load(host.root / "run/state.json")
+    assert saved is not None and saved.tuning["net.netfilter.nf_conntrack_max"] == "1048576"
+
+    # "Crash": the daemon is gone, conntrack is removed meanwhile, a new daemon starts.
+    for m in ("br_netfilter", "nf_nat", "nf_conntrack"):
+        host.unload(m)
+    h.messages.clear()
+
+    def driver2() -> None:
+        h.wait_notify("READY=1")
+
+    h.monitor = FakeMonitor()
+    h.run(h.daemon(cfg_for(host)), driver2)
+    assert host.read_sysctl("net.netfilter.nf_conntrack_max") == "1048576"
+    assert host.read_sysctl("net.netfilter.nf_conntrack_tcp_timeout_established") == "7200"
+
+
+def test_hostile_state_file_is_ignored_with_a_warning(h: Harness) -> None:
+    """A state file with a command-line-looking value is refused and nothing of it is written."""
+    path = h.host.root / "run/state.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"version": 1, "conntrack_reloaded": true, '
+                    '"tuning": {"net.netfilter.nf_conntrack_max": "$(reboot)"}}')
+    path.chmod(0o600)
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+
+    _, logs = h.run(h.daemon(cfg_for(h.host)), driver)
+    assert "unexpected tuning entry" in events(logs, "state.ignored")[0]["detail"]
+    assert h.host.read_sysctl("net.netfilter.nf_conntrack_max") == "262144"
+
+
+def test_two_signals_at_once_stop_cleanly(h: Harness) -> None:
+    """HUP and TERM together: the stop wins promptly, exit 0."""
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    code, logs = h.run(h.daemon(cfg_for(h.host)), driver)
+    assert code == 0 and events(logs, "daemon.stopping")
+
+
+def test_failing_restore_backs_off_instead_of_spinning(h: Harness) -> None:
+    """A module that cannot be loaded is retried with growing delays, not in a hot loop."""
+    h.host.write_modprobe(exit_code=1, load=False, extra="echo 'modprobe: ERROR: could not insert' >&2")
+    h.host.unload("nf_nat")
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        time.sleep(1.6)
+
+    _, logs = h.run(h.daemon(cfg_for(h.host, poll_interval=0.05, backoff_initial=0.2, backoff_max=10)), driver)
+    calls = len(h.host.modprobe_calls())
+    assert 2 <= calls <= 5, calls  # 0, 0.2, 0.6, 1.4 s: four tries in 1.6 s, not thirty
+    finished = events(logs, "restore.finished")
+    assert finished[0]["result"] == "failed" and "could not insert" in finished[0]["detail"]
