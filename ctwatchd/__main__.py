@@ -1,3 +1,5 @@
-from ctwatchd.cli import main
 import sys
+
+from ctwatchd.cli import main
+
 sys.exit(main())

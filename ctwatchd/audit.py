@@ -9,6 +9,7 @@ lines. Every event name maps to a MESSAGE_ID, so `journalctl MESSAGE_ID=…` and
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import struct
 import sys
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import structlog
 
@@ -25,6 +26,14 @@ from ctwatchd.config import LogFormat
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SYSLOG_IDENTIFIER = "ctwatchd"
+
+
+class AuditLog(Protocol):
+    """What the daemon and executor need of a structlog bound logger."""
+
+    def info(self, event: str, **fields: Any) -> Any: ...  # noqa: ANN401
+    def warning(self, event: str, **fields: Any) -> Any: ...  # noqa: ANN401
+    def error(self, event: str, **fields: Any) -> Any: ...  # noqa: ANN401
 
 
 @dataclass(frozen=True)
@@ -105,8 +114,12 @@ def journal_fields(event_dict: Mapping[str, Any], level: str) -> dict[str, str]:
         if key in ("event", "message", "level", "timestamp") or value is None:
             continue
         name = PLAIN_FIELDS.get(key) or "CTWATCHD_" + "".join(c if c.isalnum() else "_" for c in key).upper()
-        out[name] = value if isinstance(value, str) else json.dumps(value, default=str) \
-            if isinstance(value, (list, dict, tuple)) else str(value)
+        if isinstance(value, str):
+            out[name] = value
+        elif isinstance(value, (list, dict, tuple)):
+            out[name] = json.dumps(value, default=str)
+        else:
+            out[name] = str(value)
     return out
 
 
@@ -148,17 +161,15 @@ class JournalSink:
         fd = os.memfd_create("ctwatchd-journal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.write(fd, data)
-            import fcntl
-
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
                         fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
             self.sock.sendmsg([], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))],
                               socket.MSG_DONTWAIT, self.path)
-            return True
         except OSError:
             return False
         finally:
             os.close(fd)
+        return True
 
 
 class JournalLogger:
@@ -224,5 +235,6 @@ def _console(_logger: object, _method: str, event_dict: MutableMapping[str, Any]
     return f"{ts} {level:<7} {message} [{event}{' ' + rest if rest else ''}]"
 
 
-def get_logger() -> Any:  # noqa: ANN401 - structlog's lazy proxy
-    return structlog.get_logger()
+def get_logger() -> AuditLog:
+    logger: AuditLog = structlog.get_logger()
+    return logger

@@ -12,7 +12,7 @@ import re
 import stat
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,14 @@ class _Reader:
             raise ConfigError(f"{self.where(key)} must be between {low:g} and {high:g} seconds, not {value:g}.")
         return value
 
+    def choice(self, key: str, kind: type[StrEnum], default: StrEnum) -> Any:  # noqa: ANN401
+        raw = self.take(key, str, default.value)
+        try:
+            return kind(raw)
+        except ValueError:
+            choices = " or ".join(f'"{c.value}"' for c in kind)
+            raise ConfigError(f"{self.where(key)} must be {choices}, not {raw!r}.") from None
+
     def done(self) -> None:
         if self.table:
             unknown = ", ".join(sorted(self.table))
@@ -136,17 +144,25 @@ def _absolute_exe(where: str, value: str) -> str:
 
 def parse(data: Mapping[str, Any], path: Path | None = None) -> Config:
     """Validate a parsed TOML document into a Config, or raise one ConfigError."""
-    known = {"watch", "sysctl", "restore", "daemon", "metrics"}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - set(_SECTIONS))
     if unknown:
         name = str(path) if path else "configuration"
         raise ConfigError(f"{name}: unknown section or key(s): {', '.join(unknown)} "
-                          f"(known sections: {', '.join(sorted(known))}).")
-    d = Config()
+                          f"(known sections: {', '.join(sorted(_SECTIONS))}).")
+    fields: dict[str, Any] = {"path": path}
+    for section, reader in _SECTIONS.items():
+        if section in data:
+            fields.update(reader(path, data[section]))
+    cfg = Config(**fields)
+    if cfg.backoff_max < cfg.backoff_initial:
+        raise ConfigError(f"{_where(path, 'restore', 'backoff_max')} must not be smaller than backoff_initial.")
+    return cfg
 
-    w = _Reader(path, "watch", data.get("watch", {}))
+
+def _watch(path: Path | None, table: object) -> dict[str, Any]:
+    w = _Reader(path, "watch", table)
+    out: dict[str, Any] = {}
     raw_modules = w.take("modules", list, None)
-    modules = d.modules
     if raw_modules is not None:
         seen: list[str] = []
         for i, m in enumerate(raw_modules):
@@ -156,15 +172,17 @@ def parse(data: Mapping[str, Any], path: Path | None = None) -> Config:
             name = normalize_module(m)
             if name not in seen:
                 seen.append(name)
-        modules = tuple(seen)
-    poll = w.number("poll_interval", d.poll_interval, low=0.1, high=3600)
+        out["modules"] = tuple(seen)
+    out["poll_interval"] = w.number("poll_interval", DEFAULTS.poll_interval, low=0.1, high=3600)
     w.done()
+    return out
 
-    s = data.get("sysctl", {})
-    if not isinstance(s, dict):
-        raise ConfigError(f"{_where(path, 'sysctl')} must be a table of \"key\" = \"value\", not {_type(s)}.")
+
+def _sysctl(path: Path | None, table: object) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{_where(path, 'sysctl')} must be a table of \"key\" = \"value\", not {_type(table)}.")
     sysctls: list[tuple[str, str]] = []
-    for key, value in _flatten(s):
+    for key, value in _flatten(table):
         where = _where(path, "sysctl", f'"{key}"')
         if not SYSCTL_KEY.match(key):
             raise ConfigError(f"{where} is not a dotted sysctl name under /proc/sys "
@@ -175,17 +193,12 @@ def parse(data: Mapping[str, Any], path: Path | None = None) -> Config:
         if not SYSCTL_VALUE.match(text):
             raise ConfigError(f"{where} value must be one printable line of at most 256 characters.")
         sysctls.append((key, text))
-    sysctl_tuple = tuple(sysctls) if "sysctl" in data else d.sysctls
+    return {"sysctls": tuple(sysctls)}
 
-    r = _Reader(path, "restore", data.get("restore", {}))
-    docker_raw = r.take("docker", str, d.docker.value)
-    try:
-        docker = DockerMode(docker_raw)
-    except ValueError:
-        raise ConfigError(f"{r.where('docker')} must be \"never\" or \"if-active\", not {docker_raw!r}.") from None
-    hooks_raw = r.take("hooks", list, [])
+
+def _hooks(r: _Reader) -> tuple[tuple[str, ...], ...]:
     hooks: list[tuple[str, ...]] = []
-    for i, argv in enumerate(hooks_raw):
+    for i, argv in enumerate(r.take("hooks", list, [])):
         where = f"{r.where('hooks')}[{i}]"
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise ConfigError(f"{where} must be a non-empty array of strings (an argv list), not {argv!r}.")
@@ -193,50 +206,53 @@ def parse(data: Mapping[str, Any], path: Path | None = None) -> Config:
             raise ConfigError(f"{where} contains a NUL character.")
         _absolute_exe(f"{where}[0]", argv[0])
         hooks.append(tuple(argv))
-    modprobe = r.take("modprobe", str, None)
-    systemctl = r.take("systemctl", str, None)
-    if modprobe is not None:
-        _absolute_exe(r.where("modprobe"), modprobe)
-    if systemctl is not None:
-        _absolute_exe(r.where("systemctl"), systemctl)
-    cfg = Config(
-        path=path,
-        modules=modules,
-        poll_interval=poll,
-        sysctls=sysctl_tuple,
-        docker=docker,
-        hooks=tuple(hooks),
-        modprobe=modprobe,
-        systemctl=systemctl,
-        module_timeout=r.number("module_timeout", d.module_timeout, low=0.1, high=600),
-        hook_timeout=r.number("hook_timeout", d.hook_timeout, low=0.1, high=3600),
-        docker_timeout=r.number("docker_timeout", d.docker_timeout, low=0.1, high=3600),
-        keep_conntrack_tuning=r.take("keep_conntrack_tuning", bool, d.keep_conntrack_tuning),
-        backoff_initial=r.number("backoff_initial", d.backoff_initial, low=0.01, high=3600),
-        backoff_max=r.number("backoff_max", d.backoff_max, low=0.01, high=86400),
-        max_restarts=_restarts(r, d.max_restarts),
-        restart_window=r.number("restart_window", d.restart_window, low=1, high=86400),
-    )
+    return tuple(hooks)
+
+
+def _restore(path: Path | None, table: object) -> dict[str, Any]:
+    r = _Reader(path, "restore", table)
+    d = DEFAULTS
+    out: dict[str, Any] = {
+        "docker": r.choice("docker", DockerMode, d.docker),
+        "hooks": _hooks(r),
+        "module_timeout": r.number("module_timeout", d.module_timeout, low=0.1, high=600),
+        "hook_timeout": r.number("hook_timeout", d.hook_timeout, low=0.1, high=3600),
+        "docker_timeout": r.number("docker_timeout", d.docker_timeout, low=0.1, high=3600),
+        "keep_conntrack_tuning": r.take("keep_conntrack_tuning", bool, d.keep_conntrack_tuning),
+        "backoff_initial": r.number("backoff_initial", d.backoff_initial, low=0.01, high=3600),
+        "backoff_max": r.number("backoff_max", d.backoff_max, low=0.01, high=86400),
+        "max_restarts": _restarts(r, d.max_restarts),
+        "restart_window": r.number("restart_window", d.restart_window, low=1, high=86400),
+    }
+    for key in ("modprobe", "systemctl"):
+        value = r.take(key, str, None)
+        out[key] = None if value is None else _absolute_exe(r.where(key), value)
     r.done()
+    return out
 
-    dm = _Reader(path, "daemon", data.get("daemon", {}))
-    state_file = Path(_absolute_exe(dm.where("state_file"), dm.take("state_file", str, str(d.state_file))))
-    fmt_raw = dm.take("log_format", str, d.log_format.value)
-    try:
-        log_format = LogFormat(fmt_raw)
-    except ValueError:
-        choices = ", ".join(f'"{f.value}"' for f in LogFormat)
-        raise ConfigError(f"{dm.where('log_format')} must be one of {choices}, not {fmt_raw!r}.") from None
-    dm.done()
 
-    mt = _Reader(path, "metrics", data.get("metrics", {}))
-    textfile = mt.take("textfile", str, None)
-    mt.done()
-    metrics = Path(_absolute_exe(mt.where("textfile"), textfile)) if textfile is not None else None
+def _daemon(path: Path | None, table: object) -> dict[str, Any]:
+    r = _Reader(path, "daemon", table)
+    out = {
+        "state_file": Path(_absolute_exe(r.where("state_file"),
+                                         r.take("state_file", str, str(DEFAULTS.state_file)))),
+        "log_format": r.choice("log_format", LogFormat, DEFAULTS.log_format),
+    }
+    r.done()
+    return out
 
-    if cfg.backoff_max < cfg.backoff_initial:
-        raise ConfigError(f"{_where(path, 'restore', 'backoff_max')} must not be smaller than backoff_initial.")
-    return replace(cfg, state_file=state_file, log_format=log_format, metrics_textfile=metrics)
+
+def _metrics(path: Path | None, table: object) -> dict[str, Any]:
+    r = _Reader(path, "metrics", table)
+    textfile = r.take("textfile", str, None)
+    r.done()
+    return {"metrics_textfile": Path(_absolute_exe(r.where("textfile"), textfile)) if textfile else None}
+
+
+DEFAULTS = Config()
+_SECTIONS: dict[str, Callable[[Path | None, object], dict[str, Any]]] = {
+    "watch": _watch, "sysctl": _sysctl, "restore": _restore, "daemon": _daemon, "metrics": _metrics,
+}
 
 
 def _restarts(r: _Reader, default: int) -> int:

@@ -14,10 +14,10 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
 
 from ctwatchd import __version__, core
 from ctwatchd import state as statefile
+from ctwatchd.audit import AuditLog
 from ctwatchd.config import Config, ConfigError
 from ctwatchd.core import CoreState
 from ctwatchd.executor import Executor
@@ -37,7 +37,7 @@ def _noop(_signum: int, _frame: object) -> None:
 
 
 class Daemon:
-    def __init__(self, cfg: Config, *, probe: KernelProbe, log: Any,
+    def __init__(self, cfg: Config, *, probe: KernelProbe, log: AuditLog,
                  reload_config: Callable[[], Config],
                  monitor_factory: Callable[[], UeventSource] | None,
                  notifier: Notifier | None = None,
@@ -142,7 +142,8 @@ class Daemon:
         self._wakeup_w = None
 
     def _read_signals(self) -> None:
-        assert self._wakeup_r is not None
+        if self._wakeup_r is None:
+            return
         with contextlib.suppress(BlockingIOError, InterruptedError):
             while data := self._wakeup_r.recv(64):
                 self.pending_signals.extend(data)
@@ -198,14 +199,15 @@ class Daemon:
         try:
             self.monitor = self.monitor_factory()
             self.sel.register(self.monitor.fileno(), selectors.EVENT_READ, self._on_uevents)
-        except Exception as exc:  # noqa: BLE001 - no netlink (e.g. no libudev): polling still protects
+        except Exception as exc:
             self.monitor = None
             self.monitor_retry_at = self.clock() + MONITOR_RETRY
             self.log.warning("monitor.failed", detail=f"{type(exc).__name__}: {exc}",
                              poll_interval=self.cfg.poll_interval)
 
     def _on_uevents(self) -> None:
-        assert self.monitor is not None
+        if self.monitor is None:
+            return
         try:
             events = self.monitor.drain()
         except Overrun as exc:

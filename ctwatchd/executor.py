@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from ctwatchd.audit import AuditLog
 from ctwatchd.config import Config
 from ctwatchd.kernel import KernelProbe, sysctl_path
 from ctwatchd.model import (
@@ -51,7 +51,7 @@ class Executor:
     cfg: Config
     probe: KernelProbe
     runner: Runner
-    log: Any  # a structlog bound logger
+    log: AuditLog
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
 
@@ -67,7 +67,7 @@ class Executor:
             t0 = self.clock()
             try:
                 outcome, detail = self._run(step)
-            except Exception as exc:  # noqa: BLE001 - the executor must never take the daemon down
+            except Exception as exc:
                 outcome, detail = Outcome.FAILED, f"internal error: {type(exc).__name__}: {exc}"
             result = StepResult(step, outcome, round((self.clock() - t0) * 1000, 1), detail)
             results.append(result)

@@ -123,9 +123,7 @@ class KernelProbe:
             except OSError:
                 continue
             for lineno, words in _conf_lines(text):
-                if len(words) >= 2 and words[0] == "blacklist":
-                    yield normalize_module(words[1]), Blocker(" ".join(words), f"{shown}:{lineno}")
-                elif (len(words) >= 3 and words[0] == "install"
+                if (len(words) >= 2 and words[0] == "blacklist") or (len(words) >= 3 and words[0] == "install"
                       and os.path.basename(words[2]) in NEUTERED):
                     yield normalize_module(words[1]), Blocker(" ".join(words), f"{shown}:{lineno}")
 

@@ -7,6 +7,7 @@ kills the whole process group, not only the direct child.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import IO
 
 SAFE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "LANG": "C"}
 OUTPUT_LIMIT = 16 * 1024  # keep the tail of this much output; the rest is read and dropped
@@ -64,75 +66,73 @@ class Runner:
         if not args or not os.path.isabs(args[0]):
             return Completed(args, None, "", 0.0, error=f"{args[0] if args else '(empty)'} is not an absolute path")
         try:
-            proc = subprocess.Popen(  # noqa: S603 - argv list, absolute path, no shell
+            proc = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 env=self.env, close_fds=True, start_new_session=True, cwd="/",
             )
         except OSError as exc:
             return Completed(args, None, "", (self.clock() - start) * 1000,
                              error=f"cannot run {args[0]}: {exc.strerror or exc}")
-        assert proc.stdout is not None
-        out = bytearray()
-        timed_out = interrupted = False
-        pidfd = os.pidfd_open(proc.pid)
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        sel.register(pidfd, selectors.EVENT_READ)
-        deadline = start + timeout
-        exited_at: float | None = None
+        stdout = proc.stdout
+        if stdout is None:  # cannot happen with stdout=PIPE; keeps the type checker honest
+            raise RuntimeError("subprocess without stdout pipe")
         try:
-            while True:
-                now = self.clock()
-                if exited_at is None and proc.poll() is not None:
-                    exited_at = now
-                # A child that leaves a grandchild holding the pipe must not keep us: short grace, then go.
-                if exited_at is not None and (not sel.get_map() or now - exited_at > 0.2):
-                    break
-                if exited_at is None and now >= deadline:
-                    timed_out = True
-                    break
-                if exited_at is None and self.tick is not None and self.tick():
-                    interrupted = True
-                    break
-                wait = min(TICK, max(0.0, deadline - now)) if exited_at is None else 0.05
-                for key, _ in sel.select(wait):
-                    if key.fileobj is proc.stdout:
-                        chunk = os.read(proc.stdout.fileno(), 65536)
-                        if not chunk:
-                            sel.unregister(proc.stdout)
-                            continue
-                        out += chunk
-                        if len(out) > 2 * OUTPUT_LIMIT:
-                            del out[:-OUTPUT_LIMIT]
-                    else:
-                        sel.unregister(pidfd)
-                        proc.poll()
-            if timed_out or interrupted:
-                _kill_group(proc)
+            out, timed_out, interrupted = self._collect(proc, stdout, start + timeout)
         finally:
-            sel.close()
-            os.close(pidfd)
-            proc.stdout.close()
+            stdout.close()
             if proc.returncode is None:
                 _kill_group(proc)
         rc = None if (timed_out or interrupted) else proc.returncode
         text = bytes(out[-OUTPUT_LIMIT:]).decode("utf-8", "replace")
         return Completed(args, rc, text, (self.clock() - start) * 1000, timed_out, interrupted)
 
+    def _collect(self, proc: subprocess.Popen[bytes], stdout: IO[bytes],
+                 deadline: float) -> tuple[bytearray, bool, bool]:
+        """Read output until the child exits, the deadline passes or tick() asks to stop."""
+        out = bytearray()
+        pidfd = os.pidfd_open(proc.pid)
+        sel = selectors.DefaultSelector()
+        sel.register(stdout, selectors.EVENT_READ)
+        sel.register(pidfd, selectors.EVENT_READ)
+        exited_at: float | None = None
+        try:
+            while True:
+                now = self.clock()
+                if exited_at is None and proc.poll() is not None:
+                    exited_at = now
+                if exited_at is not None:
+                    # A grandchild holding the pipe must not keep us: a short grace, then go.
+                    if not sel.get_map() or now - exited_at > 0.2:
+                        return out, False, False
+                elif now >= deadline:
+                    return out, True, False
+                elif self.tick is not None and self.tick():
+                    return out, False, True
+                wait = min(TICK, max(0.0, deadline - now)) if exited_at is None else 0.05
+                for key, _ in sel.select(wait):
+                    if key.fileobj is not stdout:
+                        sel.unregister(pidfd)
+                        continue
+                    chunk = os.read(stdout.fileno(), 65536)
+                    if not chunk:
+                        sel.unregister(stdout)
+                    out += chunk
+                    if len(out) > 2 * OUTPUT_LIMIT:
+                        del out[:-OUTPUT_LIMIT]
+        finally:
+            sel.close()
+            os.close(pidfd)
+
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM the child's process group, SIGKILL it if it lingers, and reap the child."""
     for sig, grace in ((signal.SIGTERM, TERM_GRACE), (signal.SIGKILL, 5.0)):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
         try:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             continue
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # leftovers of the group, if any
-        except ProcessLookupError:
-            pass
         return

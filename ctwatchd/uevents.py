@@ -7,6 +7,7 @@ in userspace. An event is only a hint: the daemon re-reads /sys before it acts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Iterator
@@ -23,11 +24,11 @@ class ModuleEvent:
     module: str
 
 
-class Overrun(Exception):  # noqa: N818 - it is the event, not an error in our code
+class Overrun(Exception):
     """The socket lost events (ENOBUFS); the state must be read again from /sys and /proc."""
 
 
-class MonitorClosed(Exception):  # noqa: N818
+class MonitorClosed(Exception):
     """The monitor's socket is gone; events stop until a new monitor is made."""
 
 
@@ -82,10 +83,9 @@ class KernelMonitor:
             sock.close()
         if self.rcvbuf < RCVBUF_MAX:
             self.rcvbuf = min(self.rcvbuf * 2, RCVBUF_MAX)
-            try:
+            # Without CAP_NET_ADMIN the kernel caps it at rmem_max; the resync happens anyway.
+            with contextlib.suppress(OSError, ValueError):
                 self._monitor.set_receive_buffer_size(self.rcvbuf)
-            except (OSError, ValueError):
-                pass  # without CAP_NET_ADMIN the kernel caps it at rmem_max; the resync still happens
         detail = f"{exc.strerror or exc} (SO_ERROR={err}); receive buffer now {self.rcvbuf} bytes"
         raise Overrun(detail) from exc
 

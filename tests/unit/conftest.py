@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import structlog
-
 from fakehost import FakeHost
 
 

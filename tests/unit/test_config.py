@@ -102,7 +102,7 @@ def test_empty_sysctl_table_means_no_sysctls(tmp_path: Path) -> None:
         ("[restore]\nmodprobe = 'modprobe'\n", r"\[restore\] modprobe must be an absolute path"),
         ("[restore]\nmax_restarts = -1\n", r"\[restore\] max_restarts must be between 0 and 1000"),
         ("[restore]\nbackoff_initial = 10\nbackoff_max = 1\n", r"backoff_max must not be smaller"),
-        ("[daemon]\nlog_format = 'xml'\n", r"\[daemon\] log_format must be one of"),
+        ("[daemon]\nlog_format = 'xml'\n", r'\[daemon\] log_format must be "auto" or "journal" or "console" or "json"'),
         ("[daemon]\nstate_file = 'state.json'\n", r"\[daemon\] state_file must be an absolute path"),
         ("watch = 3\n", r"\[watch\] must be a table, not an integer"),
         ("[watch\nmodules = []\n", r"malformed TOML: .*line 1"),

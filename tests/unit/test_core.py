@@ -67,7 +67,7 @@ def kinds(plan: RestorePlan) -> list[str]:
 def test_plan_loads_only_absent_modules_in_dependency_order(states: dict[str, ModuleState],
                                                             expected: list[str]) -> None:
     """Plans hold desired, absent modules only, dependencies first, then verification and sysctls."""
-    d = decide(CFG, CoreState(), obs(**states), 0.0)
+    d = decide(CFG, CoreState(), obs(**states), 0.0)  # type: ignore[arg-type]  # only states here
     assert kinds(d.plan) == expected
 
 

@@ -8,11 +8,13 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fakehost import FakeHost
 from structlog.testing import capture_logs
 
 from ctwatchd import config as configmod
@@ -22,7 +24,6 @@ from ctwatchd.config import Config
 from ctwatchd.daemon import Daemon
 from ctwatchd.kernel import KernelProbe
 from ctwatchd.uevents import ModuleEvent, MonitorClosed, Overrun
-from fakehost import FakeHost
 
 ALL = ("nf_conntrack", "nf_nat", "br_netfilter")
 
@@ -112,14 +113,15 @@ class Harness:
                     return i
         raise AssertionError(f"no notify message with {text!r}: {self.messages}")
 
-    def run(self, daemon: Daemon, driver: Callable[[], None], limit: float = 30.0) -> tuple[int, list[dict[str, Any]]]:
+    def run(self, daemon: Daemon, driver: Callable[[], None],
+            limit: float = 30.0) -> tuple[int, list[MutableMapping[str, Any]]]:
         """Run the daemon in this (main) thread while `driver` acts from another, then SIGTERM."""
         errors: list[BaseException] = []
 
         def drive() -> None:
             try:
                 driver()
-            except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            except BaseException as exc:
                 errors.append(exc)
             finally:
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -148,12 +150,11 @@ def h(loaded: FakeHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
 
 
 def cfg_for(host: FakeHost, **kw: Any) -> Config:
-    base = dict(modprobe=str(host.modprobe), poll_interval=60.0, state_file=host.root / "run/state.json")
-    base.update(kw)
-    return Config(**base)
+    base = Config(modprobe=str(host.modprobe), poll_interval=60.0, state_file=host.root / "run/state.json")
+    return replace(base, **kw)
 
 
-def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+def events(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
     return [e for e in logs if e["event"] == name]
 
 

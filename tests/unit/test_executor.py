@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from fakehost import FakeHost, executable
 from structlog.testing import capture_logs
 
 from ctwatchd import audit
@@ -15,7 +16,6 @@ from ctwatchd.executor import Executor, write_sysctl
 from ctwatchd.kernel import KernelProbe
 from ctwatchd.model import Outcome, RestorePlan, Step, StepKind
 from ctwatchd.runner import Runner
-from fakehost import FakeHost, executable
 
 
 def make(host: FakeHost, **cfg_changes: object) -> tuple[Config, Executor]:
@@ -118,7 +118,7 @@ def test_docker_restarted_only_when_active(loaded: FakeHost, tmp_path: Path, act
 
 def test_unexpected_exception_becomes_a_failed_step(loaded: FakeHost) -> None:
     """The executor never raises: an internal error is a failed step with its type named."""
-    cfg, ex = make(loaded)
+    _, ex = make(loaded)
 
     class Boom(KernelProbe):
         def conntrack_count(self) -> int | None:

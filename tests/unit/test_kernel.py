@@ -6,10 +6,10 @@ import gzip
 from pathlib import Path
 
 import pytest
+from fakehost import FakeHost
 
 from ctwatchd.kernel import KernelProbe, sysctl_path
 from ctwatchd.model import ModuleState
-from fakehost import FakeHost
 
 
 def state(host: FakeHost, name: str) -> ModuleState:

@@ -6,8 +6,9 @@ import os
 import time
 from pathlib import Path
 
-from ctwatchd.runner import OUTPUT_LIMIT, Runner
 from fakehost import executable
+
+from ctwatchd.runner import OUTPUT_LIMIT, Runner
 
 SH = "/bin/sh"
 

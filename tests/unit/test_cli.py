@@ -1,0 +1,161 @@
+"""The command line as a user runs it: a real process, exit codes, output, nothing changed on --dry-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fakehost import FakeHost
+
+from ctwatchd import __version__
+
+
+def ctw(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ctwatchd", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, check=False)
+
+
+def test_version_and_help() -> None:
+    """--version and --help exit 0 and say what they should."""
+    v = ctw("--version")
+    assert v.returncode == 0 and v.stdout.strip() == f"ctwatchd {__version__}"
+    h = ctw("--help")
+    assert h.returncode == 0 and all(c in h.stdout for c in ("run", "check", "restore"))
+    assert ctw("check", "--help").returncode == 0
+
+
+def test_check_healthy_exits_0(loaded: FakeHost) -> None:
+    """All live and bridge sysctls at 1: healthy, exit 0, a readable table."""
+    r = ctw("check", "--root", str(loaded.root), "--config", str(loaded.config()))
+    assert r.returncode == 0, r.stderr
+    assert "nf_conntrack         live" in r.stdout
+    assert r.stdout.rstrip().endswith("status: healthy")
+
+
+def test_check_degraded_exits_1_and_json_names_the_problems(loaded: FakeHost) -> None:
+    """A removed module and a blocker are degraded (1); JSON carries states, blocker and the would-do plan."""
+    loaded.unload("br_netfilter")
+    loaded.unload("nf_nat")
+    loaded.unload("nf_conntrack")
+    loaded.block("install nf_conntrack /bin/true")
+    r = ctw("check", "--json", "--root", str(loaded.root), "--config", str(loaded.config()))
+    assert r.returncode == 1, r.stderr
+    data = json.loads(r.stdout)
+    assert data["status"] == "degraded"
+    states = {m["name"]: m["state"] for m in data["modules"]}
+    assert states == {"nf_conntrack": "blocked", "nf_nat": "absent", "br_netfilter": "absent"}
+    conntrack = data["modules"][0]
+    assert conntrack["blocker"] == "'install nf_conntrack /bin/true' in /etc/modprobe.d/protect.conf:1"
+    assert data["conntrack_count"] is None
+    assert data["would_do"][0] == "modprobe br_netfilter, then verify /sys/module/br_netfilter/initstate is live"
+    assert any("blocked by" in p for p in data["problems"])
+
+
+def test_check_builtin_kernel_is_healthy(tmp_path: Path) -> None:
+    """This CI machine's case: no module support, everything built in -> healthy."""
+    host = FakeHost(tmp_path / "r", module_support=False)
+    host.builtin_dir("nf_conntrack")
+    host.write_sysctl("net.netfilter.nf_conntrack_count", "0")
+    host.write_sysctl("net.bridge.bridge-nf-call-iptables", "1")
+    host.write_sysctl("net.bridge.bridge-nf-call-ip6tables", "1")
+    (host.root / "proc/config.gz").write_bytes(__import__("gzip").compress(b"CONFIG_NF_NAT=y\n"))
+    r = ctw("check", "--root", str(host.root), "--config", str(host.config()))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("built-in") == 3
+
+
+def test_check_cannot_tell_exits_2(tmp_path: Path) -> None:
+    """No /sys or /proc to read: exit 2 and say so."""
+    (tmp_path / "empty").mkdir()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[daemon]\nstate_file = "{tmp_path}/s.json"\n')
+    r = ctw("check", "--root", str(tmp_path / "empty"), "--config", str(cfg))
+    assert r.returncode == 2
+    assert "cannot tell" in r.stdout
+
+
+def test_check_bad_config_exits_2(tmp_path: Path) -> None:
+    """A configuration error is exit 2 (cannot tell) with the file named."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[restore]\nhooks = [['relative']]\n")
+    r = ctw("check", "--config", str(cfg))
+    assert r.returncode == 2 and str(cfg) in r.stderr and "hooks[0][0]" in r.stderr
+
+
+def test_restore_dry_run_prints_the_plan_and_changes_nothing(loaded: FakeHost) -> None:
+    """--dry-run shows the ordered steps and runs no modprobe."""
+    for m in ("br_netfilter", "nf_nat", "nf_conntrack"):
+        loaded.unload(m)
+    r = ctw("restore", "--dry-run", "--root", str(loaded.root), "--config", str(loaded.config()))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "plan (not loaded: nf_conntrack, nf_nat, br_netfilter):"
+    assert lines[1].startswith("  1. modprobe nf_conntrack")
+    assert lines[2].startswith("  2. modprobe nf_nat")
+    assert lines[3].startswith("  3. modprobe br_netfilter")
+    assert loaded.modprobe_calls() == []
+    assert not loaded.is_live("nf_conntrack")
+
+
+def test_restore_restores_and_exits_0_then_nothing_to_do(loaded: FakeHost) -> None:
+    """restore does the work once; a second run has nothing to do."""
+    loaded.unload("br_netfilter")
+    cfg = loaded.config()
+    r = ctw("restore", "--root", str(loaded.root), "--config", str(cfg))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert loaded.is_live("br_netfilter")
+    again = ctw("restore", "--root", str(loaded.root), "--config", str(cfg))
+    assert again.returncode == 0 and again.stdout.startswith("nothing to do: healthy")
+
+
+def test_restore_failure_exits_1(loaded: FakeHost) -> None:
+    """A failing modprobe makes restore exit 1 and print the reason."""
+    loaded.unload("nf_nat")
+    loaded.write_modprobe(exit_code=1, load=False, extra="echo 'modprobe: ERROR: Operation not permitted' >&2")
+    r = ctw("restore", "--root", str(loaded.root), "--config", str(loaded.config()))
+    assert r.returncode == 1
+    assert "FAILED" in r.stdout and "Operation not permitted" in r.stdout
+
+
+def test_restore_bad_config_exits_2_and_executes_nothing(loaded: FakeHost, tmp_path: Path) -> None:
+    """Bad input: exit 2, nothing run."""
+    loaded.unload("nf_nat")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[restore]\nmodprobe = "{loaded.modprobe}"\n[watch]\nmodules = ["nf_nat", "a/b"]\n')
+    r = ctw("restore", "--root", str(loaded.root), "--config", str(cfg))
+    assert r.returncode == 2 and "modules[1]" in r.stderr
+    assert loaded.modprobe_calls() == []
+
+
+def test_run_with_bad_config_exits_2(tmp_path: Path) -> None:
+    """The daemon refuses to start on a broken file (exit 2, RestartPreventExitStatus)."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[watch]\npoll_interval = -1\n")
+    r = ctw("run", "--config", str(cfg))
+    assert r.returncode == 2 and "poll_interval" in r.stderr
+    assert ctw("run", "--config", str(tmp_path / "missing.toml")).returncode == 2
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_run_exits_0_on_stop_signals(loaded: FakeHost, sig: signal.Signals) -> None:
+    """`ctwatchd run` in the foreground stops cleanly with exit 0 on SIGTERM and SIGINT."""
+    p = subprocess.Popen([sys.executable, "-m", "ctwatchd", "run", "--no-uevents", "--root", str(loaded.root),
+                          "--config", str(loaded.config())], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        assert p.stderr is not None
+        while time.monotonic() < deadline:
+            line = p.stderr.readline()
+            if "ctwatchd ready" in line:
+                break
+        p.send_signal(sig)
+        assert p.wait(timeout=10) == 0
+    finally:
+        p.kill()
+        p.wait()
