@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine (see README.md):
+#   make health   set up a virtualenv and run the one-shot health check on built-in defaults
+#   make test     set up everything (also QEMU and a real modular kernel) and run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: health test lint unit vm clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+health: $(BIN)/.installed
+	$(BIN)/ctwatchd check
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check ctwatchd tests
+	$(BIN)/mypy
+
+unit: $(BIN)/.installed
+	$(BIN)/pytest -q tests/unit
+
+vm: $(BIN)/.installed
+	VENV=$(abspath $(VENV)) bash tests/vm/prepare.sh
+	$(BIN)/pytest -q tests/vm
+
+test: lint unit vm
+
+clean:
+	rm -rf $(VENV) .cache build dist *.egg-info
