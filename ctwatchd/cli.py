@@ -109,8 +109,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         print(f"ctwatchd: state file {cfg.state_file} ignored: {exc}", file=sys.stderr)
         saved = None
     if saved is not None:
-        state = core.CoreState(tuning=saved.tuning, conntrack_reloaded=saved.conntrack_reloaded,
-                               restarts=saved.restarts)
+        state = core.core_state(saved)
     decision = core.decide(cfg, state, obs, time.monotonic())
     plan = decision.plan
     if not plan:

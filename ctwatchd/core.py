@@ -26,6 +26,7 @@ from ctwatchd.model import (
     StepKind,
     normalize_value,
 )
+from ctwatchd.state import SavedState
 
 # Modules that only exist on old kernels, with the first release that folded them into their parent.
 LEGACY = {CONNTRACK_IPV4: (CONNTRACK, (4, 19)), NAT_IPV4: (NAT, (5, 1))}
@@ -100,6 +101,7 @@ class Health:
 class CoreState:
     tuning: Mapping[str, str] = field(default_factory=dict)  # last tuned nf_conntrack_* values seen live
     conntrack_reloaded: bool = False  # nf_conntrack went away since `tuning` was taken: reapply it
+    conntrack_instance: int | None = None  # identity of the live nf_conntrack the snapshot belongs to
     failures: int = 0  # consecutive failed restores
     retry_at: float | None = None  # backoff: no new restore before this monotonic time
     restarts: tuple[float, ...] = ()  # when docker/hooks last ran, for the breaker window
@@ -113,6 +115,12 @@ class Decision:
     plan: RestorePlan
     wake_at: float | None  # look again at this time even without a poll or event
     health: Health
+
+
+def core_state(saved: SavedState) -> CoreState:
+    """The decision state a restarted daemon (or `ctwatchd restore`) resumes from."""
+    return CoreState(tuning=saved.tuning, conntrack_reloaded=saved.conntrack_reloaded, restarts=saved.restarts,
+                     conntrack_instance=saved.conntrack_instance)
 
 
 def breaker_open(cfg: Config, state: CoreState, now: float) -> bool:
@@ -146,25 +154,34 @@ def assess(cfg: Config, obs: Observation, state: CoreState, now: float) -> Healt
 
 
 def _snapshot(cfg: Config, state: CoreState, obs: Observation) -> CoreState:
-    """Keep the tuned conntrack values while nf_conntrack is live and not freshly reloaded."""
+    """Keep the tuned conntrack values while nf_conntrack is live and not freshly reloaded.
+
+    A reload is seen either as an observation without nf_conntrack, or as a new module instance
+    (the /sys/module/nf_conntrack inode): a removal and reload between two looks, ours or anyone's.
+    """
     if not cfg.keep_conntrack_tuning:
         return state
     status = obs.modules.get(CONNTRACK)
     if status is None or status.state is ModuleState.BUILTIN:
         return state  # a built-in conntrack is never reloaded, so its values never reset
-    if status.state is ModuleState.LIVE:
-        if state.conntrack_reloaded:
-            desired = cfg.sysctl_map
-            back = all(normalize_value(obs.tuning.get(k, "")) == normalize_value(v)
-                       for k, v in state.tuning.items() if k not in desired)
-            if not back:
-                return state  # still the kernel's defaults: the snapshot must not learn them
-            state = replace(state, conntrack_reloaded=False)
-        if obs.tuning and obs.tuning != state.tuning:
-            return replace(state, tuning=dict(obs.tuning))
-        return state
-    if state.tuning and not state.conntrack_reloaded:
-        return replace(state, conntrack_reloaded=True)
+    if status.state is not ModuleState.LIVE:
+        if state.tuning and not state.conntrack_reloaded:
+            state = replace(state, conntrack_reloaded=True)
+        return replace(state, conntrack_instance=None) if state.conntrack_instance is not None else state
+    if (state.tuning and status.instance is not None and state.conntrack_instance is not None
+            and status.instance != state.conntrack_instance):
+        state = replace(state, conntrack_reloaded=True)
+    if status.instance != state.conntrack_instance:
+        state = replace(state, conntrack_instance=status.instance)
+    if state.conntrack_reloaded:
+        desired = cfg.sysctl_map
+        back = all(normalize_value(obs.tuning.get(k, "")) == normalize_value(v)
+                   for k, v in state.tuning.items() if k not in desired)
+        if not back:
+            return state  # still the kernel's defaults: the snapshot must not learn them
+        state = replace(state, conntrack_reloaded=False)
+    if obs.tuning and obs.tuning != state.tuning:
+        return replace(state, tuning=dict(obs.tuning))
     return state
 
 

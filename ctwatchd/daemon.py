@@ -19,7 +19,7 @@ from ctwatchd import __version__, core
 from ctwatchd import state as statefile
 from ctwatchd.audit import AuditLog
 from ctwatchd.config import Config, ConfigError
-from ctwatchd.core import CoreState
+from ctwatchd.core import CoreState, core_state
 from ctwatchd.executor import Executor
 from ctwatchd.kernel import KernelFacts, KernelProbe
 from ctwatchd.model import ModuleState, Observation
@@ -310,13 +310,13 @@ class Daemon:
             self.log.warning("state.ignored", path=str(path), detail=str(exc))
             return
         if saved is not None:
-            self.state = CoreState(tuning=saved.tuning, conntrack_reloaded=saved.conntrack_reloaded,
-                                   restarts=saved.restarts)
+            self.state = core_state(saved)
             self._saved = saved
 
     def _save_state(self) -> None:
         s = self.state
-        saved = statefile.SavedState(dict(s.tuning), s.conntrack_reloaded, s.restarts, self.last_status)
+        saved = statefile.SavedState(dict(s.tuning), s.conntrack_reloaded, s.restarts, self.last_status,
+                                     s.conntrack_instance)
         if saved == self._saved:
             return
         self._saved = saved

@@ -117,15 +117,20 @@ class Executor:
 
     def _sysctls(self, pairs: tuple[tuple[str, str], ...]) -> tuple[Outcome, str]:
         failures: list[str] = []
+        written = 0
         for key, value in pairs:
+            current = self.probe.read_sysctl(key)
+            if current is not None and normalize_value(current) == normalize_value(value):
+                continue  # already right: no write (a buckets write would even rehash the table)
             problem = write_sysctl(self.probe.proc_sys, key, value)
-            self.log.info("sysctl.write", key=key, value=value, result="ok" if problem is None else "failed",
-                          detail=problem)
+            written += 1
+            self.log.info("sysctl.write", key=key, value=value, previous=current,
+                          result="ok" if problem is None else "failed", detail=problem)
             if problem is not None:
                 failures.append(problem)
         if failures:
             return Outcome.FAILED, "; ".join(failures)
-        return Outcome.OK, f"{len(pairs)} value(s) written and read back"
+        return Outcome.OK, f"{written} written and read back, {len(pairs) - written} already set"
 
     def _docker(self) -> tuple[Outcome, str]:
         systemctl = systemctl_path(self.cfg)

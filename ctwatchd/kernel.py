@@ -135,7 +135,11 @@ class KernelProbe:
         blocker = facts.blockers.get(name)
         state = self.initstate(name)
         if state in ("live", "coming", "going"):
-            return ModuleStatus(name, ModuleState(state), f"/sys/module/{name}/initstate", _s(blocker))
+            try:
+                instance: int | None = os.stat(self.sys_module / name).st_ino
+            except OSError:
+                instance = None
+            return ModuleStatus(name, ModuleState(state), f"/sys/module/{name}/initstate", _s(blocker), instance)
         if state is None and (self.sys_module / name).is_dir() and not (self.sys_module / name / "refcnt").exists():
             # Built-in code with parameters gets /sys/module/<name> but never an initstate or refcnt.
             return ModuleStatus(name, ModuleState.BUILTIN, f"/sys/module/{name} has no initstate", _s(blocker))

@@ -54,6 +54,7 @@ class ModuleStatus:
     state: ModuleState
     detail: str = ""  # the evidence, as a sentence fragment
     blocker: str | None = None  # the modprobe.d rule, also reported when the module is live
+    instance: int | None = None  # inode of /sys/module/<name>: a reload makes a new one
 
 
 @dataclass(frozen=True)

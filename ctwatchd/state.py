@@ -30,6 +30,7 @@ class SavedState:
     conntrack_reloaded: bool
     restarts: tuple[float, ...] = ()  # CLOCK_MONOTONIC times of docker/hook runs (system-wide clock)
     status: str = ""  # the daemon's last STATUS= line, for `ctwatchd check`
+    conntrack_instance: int | None = None  # so a reload while the daemon was down is noticed
 
 
 def load(path: Path) -> SavedState | None:
@@ -59,6 +60,7 @@ def load(path: Path) -> SavedState | None:
     reloaded = data.get("conntrack_reloaded")
     restarts = data.get("restarts", [])
     status = data.get("status", "")
+    instance = data.get("conntrack_instance")
     if not isinstance(tuning, dict) or not isinstance(reloaded, bool):
         raise StateError("missing or mistyped 'tuning' / 'conntrack_reloaded'")
     if (not isinstance(restarts, list) or len(restarts) > 1000
@@ -66,18 +68,21 @@ def load(path: Path) -> SavedState | None:
         raise StateError("'restarts' is not a list of numbers")
     if not isinstance(status, str) or len(status) > 1000:
         raise StateError("'status' is not a short string")
+    if instance is not None and (not isinstance(instance, int) or isinstance(instance, bool)):
+        raise StateError("'conntrack_instance' is not an integer")
     for key, value in tuning.items():
         if not (isinstance(key, str) and TUNING_KEY.match(key) and isinstance(value, str)
                 and TUNING_VALUE.match(value)):
             raise StateError(f"unexpected tuning entry {key!r}")
-    return SavedState(dict(tuning), reloaded, tuple(float(t) for t in restarts), status)
+    return SavedState(dict(tuning), reloaded, tuple(float(t) for t in restarts), status, instance)
 
 
 def save(path: Path, state: SavedState) -> None:
     """Replace the state file atomically; raises OSError for the caller to report."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     data = json.dumps({"version": VERSION, "tuning": state.tuning, "conntrack_reloaded": state.conntrack_reloaded,
-                       "restarts": list(state.restarts), "status": state.status}, sort_keys=True).encode()
+                       "restarts": list(state.restarts), "status": state.status,
+                       "conntrack_instance": state.conntrack_instance}, sort_keys=True).encode()
     fd, tmp = tempfile.mkstemp(prefix=".state-", dir=path.parent)
     try:
         os.fchmod(fd, 0o600)

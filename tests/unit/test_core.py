@@ -272,3 +272,21 @@ def test_health_names_every_problem() -> None:
 def test_kernel_version_parsing(release: str, version: tuple[int, int]) -> None:
     """Release strings parse to (major, minor); unparsable ones count as new kernels."""
     assert core.kernel_version(release) == version
+
+
+def test_reload_seen_only_as_a_new_instance_still_reapplies_tuning() -> None:
+    """Removed and reloaded between two looks (no absent observation): the new inode gives it away."""
+    def live(instance: int, tuning: dict[str, str]) -> Observation:
+        o = obs(tuning=tuning)
+        mods = dict(o.modules)
+        mods["nf_conntrack"] = replace(mods["nf_conntrack"], instance=instance)
+        return replace(o, modules=mods)
+
+    s = decide(CFG, CoreState(), live(100, TUNED), 0.0).state
+    assert s.conntrack_instance == 100 and s.tuning == TUNED
+    d = decide(CFG, s, live(101, DEFAULTS), 1.0)
+    assert d.state.conntrack_reloaded and d.state.tuning == TUNED
+    assert dict(d.plan.steps[0].sysctls) == TUNED
+    same = decide(CFG, s, live(100, {**TUNED, "net.netfilter.nf_conntrack_max": "5"}), 1.0)
+    assert not same.state.conntrack_reloaded  # same instance: an admin's change, learned
+    assert same.state.tuning["net.netfilter.nf_conntrack_max"] == "5"
