@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Install what the VM test tier needs; idempotent, and a no-op once cached.
+#   - Debian packages qemu-system-x86, busybox-static, kmod, file (apt-get, as root)
+#   - virtme-ng (vng) in the project venv ($VENV, default <repo>/.venv)
+#   - Debian bookworm's generic amd64 kernel, extracted to <repo>/.cache/vm/kernel
+#     (VERSION there names it; modules.dep built with depmod)
+# To move to a newer kernel: rm -rf .cache/vm/kernel && bash tests/vm/prepare.sh
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+VENV=${VENV:-$REPO/.venv}
+CACHE=$REPO/.cache/vm
+KDIR=$CACHE/kernel
+VNG_SPEC='virtme-ng==1.42'  # the version this harness was proven with
+export PATH=$PATH:/usr/sbin:/sbin
+
+die() { echo "prepare.sh: $*" >&2; exit 1; }
+
+apt_updated=
+apt_update() {
+    [[ -n $apt_updated ]] && return 0
+    timeout 600 apt-get update -qq
+    apt_updated=1
+}
+
+# 1. Debian packages, by the command each provides.
+missing=()
+command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+command -v busybox >/dev/null || missing+=(busybox-static)
+{ command -v modprobe && command -v depmod; } >/dev/null || missing+=(kmod)
+command -v file >/dev/null || missing+=(file)
+if ((${#missing[@]})); then
+    [[ $(id -u) == 0 ]] || die "missing ${missing[*]}: run as root, or: sudo apt-get install ${missing[*]}"
+    apt_update
+    DEBIAN_FRONTEND=noninteractive timeout 1200 \
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# 2. virtme-ng in the venv.
+[[ -x $VENV/bin/python ]] || die "no virtualenv at $VENV (set VENV=...)"
+if [[ ! -x $VENV/bin/vng ]]; then
+    timeout 600 "$VENV/bin/python" -m pip install -q "$VNG_SPEC"
+fi
+
+# 3. The kernel.
+if [[ ! -s $KDIR/VERSION ]]; then
+    [[ $(id -u) == 0 ]] || die "fetching the kernel package needs apt as root"
+    resolve() {
+        apt-cache depends linux-image-amd64 2>/dev/null \
+            | sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*-amd64\)$/\1/p' | head -n1
+    }
+    pkg=$(resolve)
+    if [[ -z $pkg ]]; then apt_update; pkg=$(resolve); fi
+    [[ -n $pkg ]] || die "cannot resolve linux-image-amd64 with apt-cache depends"
+    ver=${pkg#linux-image-}
+    work=$CACHE/download.$$
+    rm -rf "$work" && mkdir -p "$work"
+    trap 'rm -rf "$work"' EXIT
+    # _apt cannot write into a root-owned dir: let it, so apt stays sandboxed.
+    chown _apt "$work" 2>/dev/null || true
+    (cd "$work" && timeout 600 apt-get download -qq "$pkg")
+    deb=$(find "$work" -maxdepth 1 -name "${pkg}_*.deb" -print -quit)
+    [[ -n $deb ]] || die "apt-get download $pkg produced no .deb"
+    dpkg-deb -x "$deb" "$work/root"
+    [[ -f $work/root/boot/vmlinuz-$ver ]] || die "no boot/vmlinuz-$ver in $pkg"
+    depmod -b "$work/root" "$ver"
+    echo "$ver" > "$work/root/VERSION"
+    rm -rf "$KDIR" && mv "$work/root" "$KDIR"
+fi
+
+ver=$(cat "$KDIR/VERSION")
+echo "vm kernel: $KDIR/boot/vmlinuz-$ver"

@@ -1,0 +1,134 @@
+"""Runs inside the guest (a real modular kernel): start `ctwatchd run`, remove modules, time the restores.
+
+Usage: python restore_guest.py RESULTS_DIR. Writes RESULTS_DIR/restore.json; the host test asserts on
+it. The daemon runs exactly as a user starts it, with a config file and JSON logs on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(sys.argv[1])
+MODULES = ("nf_conntrack", "nf_nat", "br_netfilter")
+SYSCTLS = {
+    "net.bridge.bridge-nf-call-iptables": "1",
+    "net.bridge.bridge-nf-call-ip6tables": "1",
+    # Kernel default is 1: desiring 0 proves ctwatchd writes sysctls back after a reload.
+    "net.bridge.bridge-nf-call-arptables": "0",
+}
+TUNED = {"net.netfilter.nf_conntrack_max": "131072",
+         "net.netfilter.nf_conntrack_tcp_timeout_established": "3600"}
+WAIT = 90.0
+
+
+def read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def sysctl(key: str) -> str | None:
+    return read("/proc/sys/" + key.replace(".", "/"))
+
+
+def initstate(m: str) -> str | None:
+    return read(f"/sys/module/{m}/initstate")
+
+
+def sh(*argv: str) -> dict[str, Any]:
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    return {"argv": list(argv), "rc": p.returncode, "out": (p.stdout + p.stderr).strip()[-500:]}
+
+
+EXPECT = dict(SYSCTLS)  # TUNED joins once the driver has tuned conntrack
+
+
+def restored() -> bool:
+    return (all(initstate(m) == "live" for m in MODULES)
+            and read("/proc/sys/net/netfilter/nf_conntrack_count") is not None
+            and all(sysctl(k) == v for k, v in EXPECT.items()))
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = WAIT) -> float | None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if pred():
+            return round(time.monotonic() - t0, 3)
+        time.sleep(0.01)
+    return None
+
+
+def snapshot() -> dict[str, Any]:
+    return {"initstate": {m: initstate(m) for m in MODULES},
+            "sysctls": {k: sysctl(k) for k in (*SYSCTLS, *TUNED)},
+            "count": read("/proc/sys/net/netfilter/nf_conntrack_count")}
+
+
+def main() -> int:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    cfg = RESULTS / "ctwatchd.toml"
+    cfg.write_text(
+        "[watch]\npoll_interval = 5.0\n[sysctl]\n"
+        + "".join(f'"{k}" = "{v}"\n' for k, v in SYSCTLS.items())
+        + f'[daemon]\nstate_file = "{RESULTS}/state.json"\nlog_format = "json"\n')
+    cfg.chmod(0o644)
+    out: dict[str, Any] = {"uname": os.uname().release, "before_start": snapshot(), "scenarios": []}
+    log = open(RESULTS / "daemon.log", "w")  # noqa: SIM115 - lives as long as the daemon
+    t_start = time.monotonic()
+    daemon = subprocess.Popen([sys.executable, "-m", "ctwatchd", "run", "--config", str(cfg)],
+                              stdout=log, stderr=log)
+    try:
+        ready = wait_for(lambda: "daemon.ready" in (RESULTS / "daemon.log").read_text(), 180)
+        out["ready_after_s"] = ready
+        out["start_loaded"] = restored()
+        out["after_start"] = snapshot()
+        out["start_seconds"] = round(time.monotonic() - t_start, 3)
+        # Tune conntrack while healthy; wait for one poll so the daemon snapshots the values.
+        for k, v in TUNED.items():
+            Path("/proc/sys/" + k.replace(".", "/")).write_text(v)
+        EXPECT.update(TUNED)
+        time.sleep(6)
+        scenarios: list[tuple[str, list[list[str]]]] = [
+            ("rmmod br_netfilter", [["rmmod", "br_netfilter"]]),
+            ("rmmod nf_nat", [["rmmod", "nf_nat"]]),
+            # One rmmod removes the holder and then conntrack, as an admin would type it.
+            ("rmmod nf_conntrack (holder nf_nat first)", [["rmmod", "nf_nat", "nf_conntrack"]]),
+            ("rmmod all three at once", [["rmmod", "br_netfilter", "nf_nat", "nf_conntrack"]]),
+            ("modprobe -r all three", [["modprobe", "-r", "br_netfilter", "nf_nat", "nf_conntrack"]]),
+        ]
+        for name, commands in scenarios:
+            t0 = time.monotonic()
+            results = [sh(*c) for c in commands]
+            gone_after = {m: initstate(m) for m in MODULES}
+            took = wait_for(restored)
+            out["scenarios"].append({
+                "name": name, "commands": results, "state_right_after_removal": gone_after,
+                "restored_after_s": took, "removal_to_restored_s": round(time.monotonic() - t0, 3),
+                "after": snapshot(),
+            })
+            time.sleep(1.0)  # let the daemon's verification pass settle before the next removal
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            out["daemon_exit"] = daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            out["daemon_exit"] = "killed"
+        log.close()
+    out["log"] = [json.loads(line) for line in (RESULTS / "daemon.log").read_text().splitlines()
+                  if line.startswith("{")]
+    (RESULTS / "restore.json").write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
