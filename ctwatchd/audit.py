@@ -73,6 +73,7 @@ EVENTS: dict[str, EventType] = {
     "state.ignored": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b12", "state file {path} ignored: {detail}"),
     "state.failed": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b13", "state file {path} not written: {detail}"),
     "notify.failed": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b14", "sd_notify failed: {detail}"),
+    "metrics.failed": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b15", "metrics file {path} not written: {detail}"),
 }
 
 # Fields journald indexes under their own names; the rest are prefixed CTWATCHD_.

@@ -54,6 +54,7 @@ def _load(path: Path | None) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from ctwatchd.daemon import Daemon
+    from ctwatchd.metrics import MetricsUnavailable
     from ctwatchd.notify import Notifier
 
     try:
@@ -69,8 +70,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         from ctwatchd.uevents import KernelMonitor
 
         monitor_factory = KernelMonitor
-    daemon = Daemon(cfg, probe=KernelProbe(args.root), log=audit.get_logger(),
-                    reload_config=lambda: _load(args.config), monitor_factory=monitor_factory)
+    try:
+        daemon = Daemon(cfg, probe=KernelProbe(args.root), log=audit.get_logger(),
+                        reload_config=lambda: _load(args.config), monitor_factory=monitor_factory)
+    except MetricsUnavailable as exc:
+        print(f"ctwatchd: {cfg.path or 'configuration'}: {exc}", file=sys.stderr)
+        Notifier().send(f"STATUS=configuration error: {exc}")
+        return EXIT_CONFIG
     return daemon.run()
 
 

@@ -22,6 +22,7 @@ from ctwatchd.config import Config, ConfigError
 from ctwatchd.core import CoreState, core_state
 from ctwatchd.executor import Executor
 from ctwatchd.kernel import KernelFacts, KernelProbe
+from ctwatchd.metrics import Metrics, MetricsUnavailable
 from ctwatchd.model import ModuleState, Observation
 from ctwatchd.notify import Notifier, watchdog_interval
 from ctwatchd.runner import Runner
@@ -54,6 +55,8 @@ class Daemon:
         self.watchdog_every = watchdog_interval(self.env, os.getpid())
         self.state = CoreState()
         self.facts: KernelFacts = probe.facts()
+        self.metrics = make_metrics(cfg)
+        self._metrics_error: str | None = None
         self.executor = self._executor()
         self.sel = selectors.DefaultSelector()
         self.monitor: UeventSource | None = None
@@ -171,6 +174,13 @@ class Daemon:
         except ConfigError as exc:
             self.log.error("config.rejected", error=str(exc))
         else:
+            try:
+                metrics = make_metrics(new) if new.metrics_textfile != self.cfg.metrics_textfile else self.metrics
+            except MetricsUnavailable as exc:
+                self.log.error("config.rejected", error=str(exc))
+                new = self.cfg
+                metrics = self.metrics
+            self.metrics = metrics
             self.cfg = new
             self.facts = self.probe.facts()
             self.executor = self._executor()
@@ -254,6 +264,7 @@ class Daemon:
         self.wake_at = decision.wake_at
         self._report(obs, decision.health)
         self._save_state()
+        self._write_metrics(obs, decision.health)
         plan = decision.plan
         if not plan:
             return
@@ -262,6 +273,8 @@ class Daemon:
                       restarts_skipped=plan.skipped_restarts or None)
         result = self.executor.execute(plan)
         self.state = core.record(self.cfg, self.state, result, self.clock())
+        if self.metrics is not None:
+            self.metrics.record(result)
         failed = result.failed
         log = self.log.info if result.ok else self.log.error
         log("restore.finished", result="ok" if result.ok else "failed", duration_ms=result.duration_ms,
@@ -301,6 +314,21 @@ class Daemon:
                 "health.changed", status=status, healthy=health.healthy)
             self.notifier.status(status)
 
+    def _write_metrics(self, obs: Observation, health: core.Health) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.observe(obs, core.effective_modules(self.cfg.modules, obs), health.healthy,
+                             health.breaker_open)
+        try:
+            self.metrics.write()
+        except OSError as exc:
+            error = f"{exc.strerror or exc} ({self.metrics.path})"
+            if error != self._metrics_error:  # once per distinct problem, not every poll
+                self.log.warning("metrics.failed", path=str(self.metrics.path), detail=error)
+            self._metrics_error = error
+        else:
+            self._metrics_error = None
+
     # -- state file ---------------------------------------------------------------------------
     def _load_state(self) -> None:
         path = self.cfg.state_file
@@ -324,3 +352,8 @@ class Daemon:
             statefile.save(self.cfg.state_file, saved)
         except OSError as exc:
             self.log.warning("state.failed", path=str(self.cfg.state_file), detail=exc.strerror or str(exc))
+
+
+def make_metrics(cfg: Config) -> Metrics | None:
+    """The metrics writer the configuration asks for; MetricsUnavailable without prometheus_client."""
+    return Metrics(cfg.metrics_textfile) if cfg.metrics_textfile is not None else None

@@ -424,3 +424,80 @@ def test_failing_restore_backs_off_instead_of_spinning(h: Harness) -> None:
     assert 2 <= calls <= 5, calls  # 0, 0.2, 0.6, 1.4 s: four tries in 1.6 s, not thirty
     finished = events(logs, "restore.finished")
     assert finished[0]["result"] == "failed" and "could not insert" in finished[0]["detail"]
+
+
+def test_a_burst_of_removal_events_makes_one_restore(h: Harness) -> None:
+    """Fifty queued events for the same removal are drained together: one plan, one modprobe."""
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        h.host.unload("br_netfilter")
+        os.write(h.monitor.w, b"remove br_netfilter\n" * 50)
+        h.wait_for(lambda: h.host.is_live("br_netfilter"))
+        time.sleep(0.3)
+
+    _, logs = h.run(h.daemon(cfg_for(h.host)), driver)
+    assert len(events(logs, "restore.planned")) == 1
+    assert h.host.modprobe_calls() == ["br_netfilter"]
+
+
+def test_metrics_textfile_is_written_and_parses(h: Harness) -> None:
+    """With [metrics] textfile, every check rewrites a valid node_exporter textfile."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    prom = h.host.root / "metrics/ctwatchd.prom"
+    prom.parent.mkdir()
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        h.host.unload("nf_nat")
+        h.monitor.send("remove nf_nat")
+        h.wait_for(lambda: h.host.is_live("nf_nat"))
+        h.wait_for(lambda: 'result="ok"' in prom.read_text())
+
+    h.run(h.daemon(cfg_for(h.host, metrics_textfile=prom)), driver)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(prom.read_text()) for s in fam.samples}
+    assert samples[("ctwatchd_module_state", (("module", "nf_nat"), ("state", "live")))] == 1
+    assert samples[("ctwatchd_module_state", (("module", "nf_nat"), ("state", "absent")))] == 0
+    assert samples[("ctwatchd_restores_total", (("module", "nf_nat"), ("result", "ok")))] == 1
+    assert samples[("ctwatchd_restore_duration_seconds_count", ())] == 1
+    assert samples[("ctwatchd_restart_breaker_open", ())] == 0
+    assert samples[("ctwatchd_conntrack_absent", ())] == 0
+    assert samples[("ctwatchd_healthy", ())] == 1
+    assert samples[("ctwatchd_last_check_timestamp_seconds", ())] > 1_600_000_000
+    assert [p.name for p in prom.parent.iterdir()] == ["ctwatchd.prom"]  # no temp files left
+
+
+def test_conntrack_absent_is_an_explicit_metric(h: Harness) -> None:
+    """node_exporter's conntrack metrics vanish with the module; ctwatchd_conntrack_absent says 1."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    prom = h.host.root / "ctwatchd.prom"
+    h.host.block("install nf_conntrack /bin/true")
+    for m in ("br_netfilter", "nf_nat", "nf_conntrack"):
+        h.host.unload(m)
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+
+    h.run(h.daemon(cfg_for(h.host, metrics_textfile=prom)), driver)
+    values = {s.name: s.value for fam in text_string_to_metric_families(prom.read_text()) for s in fam.samples
+              if not s.labels}
+    assert values["ctwatchd_conntrack_absent"] == 1
+    assert values["ctwatchd_healthy"] == 0
+
+
+def test_unwritable_metrics_file_is_reported_once_and_harmless(h: Harness) -> None:
+    """A metrics directory that does not exist is logged once; restores go on."""
+    prom = h.host.root / "missing-dir/ctwatchd.prom"
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        h.host.unload("nf_nat")
+        h.monitor.send("remove nf_nat")
+        h.wait_for(lambda: h.host.is_live("nf_nat"))
+
+    _, logs = h.run(h.daemon(cfg_for(h.host, metrics_textfile=prom, poll_interval=0.1)), driver)
+    assert len(events(logs, "metrics.failed")) == 1
+    assert h.host.is_live("nf_nat")

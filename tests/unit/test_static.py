@@ -40,7 +40,7 @@ def test_only_the_runner_starts_processes() -> None:
 
 
 def test_no_wall_clock_in_the_daemon() -> None:
-    """Deadlines use time.monotonic; time.time() appears nowhere."""
+    """Deadlines use time.monotonic; time.time() appears only for exported metric timestamps."""
     offenders = [f"{p.name}:{c.lineno}" for p in PACKAGE.rglob("*.py")
                  for c in calls(ast.parse(p.read_text())) if ast.unparse(c.func) == "time.time"]
-    assert offenders == []
+    assert [o.split(":")[0] for o in offenders] == ["metrics.py"]

@@ -1,0 +1,80 @@
+"""Prometheus metrics in node_exporter's textfile-collector format, written atomically.
+
+Enabled by `[metrics] textfile = "/var/lib/node_exporter/textfile_collector/ctwatchd.prom"`.
+prometheus_client is imported only then (it is an optional dependency: `ctwatchd[metrics]`).
+node_exporter's own nf_conntrack metrics vanish when the module is gone; ctwatchd_conntrack_absent
+says so explicitly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from ctwatchd.model import ModuleState, Observation, RestoreResult, StepKind
+
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class MetricsUnavailable(Exception):
+    """prometheus_client is not installed but a metrics textfile is configured."""
+
+
+class Metrics:
+    def __init__(self, path: Path) -> None:
+        try:
+            import prometheus_client as prom
+        except ImportError as exc:
+            raise MetricsUnavailable(
+                f"[metrics] textfile = {str(path)!r} needs the Python package prometheus_client "
+                "(pip install 'ctwatchd[metrics]', or Debian's python3-prometheus-client)") from exc
+        self.path = path
+        self._write = prom.write_to_textfile
+        self.registry = prom.CollectorRegistry()
+        r = self.registry
+        self.module_state = prom.Gauge("ctwatchd_module_state", "1 for the state each watched module is in.",
+                                       ["module", "state"], registry=r)
+        self.restores = prom.Counter("ctwatchd_restores", "Module loads attempted by ctwatchd, by result.",
+                                     ["module", "result"], registry=r)
+        self.duration = prom.Histogram("ctwatchd_restore_duration_seconds",
+                                       "Time from plan start to the end of a restore.",
+                                       buckets=DURATION_BUCKETS, registry=r)
+        self.breaker = prom.Gauge("ctwatchd_restart_breaker_open",
+                                  "1 while docker/hook restarts are paused by the breaker.", registry=r)
+        self.healthy = prom.Gauge("ctwatchd_healthy", "1 when every watched module and sysctl is as desired.",
+                                  registry=r)
+        self.absent = prom.Gauge("ctwatchd_conntrack_absent",
+                                 "1 when /proc/sys/net/netfilter/nf_conntrack_count cannot be read.", registry=r)
+        self.entries = prom.Gauge("ctwatchd_conntrack_entries", "nf_conntrack_count at the last check.",
+                                  registry=r)
+        self.last_check = prom.Gauge("ctwatchd_last_check_timestamp_seconds",
+                                     "Unix time of the last completed check.", registry=r)
+        self.last_ok = prom.Gauge("ctwatchd_last_healthy_timestamp_seconds",
+                                  "Unix time of the last check that found the host healthy.", registry=r)
+
+    def observe(self, obs: Observation, modules: Iterable[str], healthy: bool, breaker_open: bool) -> None:
+        for name in modules:
+            status = obs.modules.get(name)
+            for state in ModuleState:
+                self.module_state.labels(name, state.value).set(
+                    1 if status is not None and status.state is state else 0)
+        self.healthy.set(1 if healthy else 0)
+        self.breaker.set(1 if breaker_open else 0)
+        self.absent.set(1 if obs.conntrack_count is None else 0)
+        self.entries.set(obs.conntrack_count if obs.conntrack_count is not None else 0)
+        # Prometheus timestamps are wall-clock by definition; no deadline is computed from them.
+        now = time.time()
+        self.last_check.set(now)
+        if healthy:
+            self.last_ok.set(now)
+
+    def record(self, result: RestoreResult) -> None:
+        for r in result.results:
+            if r.step.kind is StepKind.LOAD_MODULE and r.step.module:
+                self.restores.labels(r.step.module, r.outcome.value).inc()
+        self.duration.observe(result.duration_ms / 1000)
+
+    def write(self) -> None:
+        """Atomic replace (temp file + rename in the same directory); raises OSError to the caller."""
+        self._write(str(self.path), self.registry)
