@@ -258,6 +258,8 @@ class Daemon:
         self.hint = None
         now = self.clock()
         self.next_poll = now + self.cfg.poll_interval
+        if self.probe.fingerprint(self.facts.release, self.facts.conf_files) != self.facts.fingerprint:
+            self.facts = self.probe.facts()
         obs = self.observe()
         decision = core.decide(self.cfg, self.state, obs, now)
         self.state = decision.state

@@ -69,6 +69,8 @@ class KernelFacts:
     deps: dict[str, tuple[str, ...]] = field(default_factory=dict)
     kconfig: dict[str, str] = field(default_factory=dict)  # CONFIG_X -> "y" | "m" for the symbols we know
     blockers: dict[str, Blocker] = field(default_factory=dict)
+    conf_files: tuple[Path, ...] = ()  # the modprobe.d files read
+    fingerprint: tuple[float, ...] = ()
 
 
 class KernelProbe:
@@ -78,12 +80,30 @@ class KernelProbe:
         self.proc_sys = root / "proc/sys"
 
     # -- static facts -------------------------------------------------------------------------
+    def fingerprint(self, release: str, files: Iterable[Path] = ()) -> tuple[float, ...]:
+        """Cheap change detector for the static facts: mtimes of modules.dep, the modprobe.d dirs
+        (a file added or removed) and the .conf files in them (a file edited in place).
+
+        An admin removing a modprobe.d blocker, or depmod after a kernel package upgrade, is noticed
+        at the next poll for the price of a few stat() calls.
+        """
+        paths = [self.root / "lib/modules" / release / "modules.dep", *(self.root / d for d in MODPROBE_DIRS),
+                 *files]
+        out: list[float] = []
+        for p in paths:
+            try:
+                out.append(os.stat(p).st_mtime)
+            except OSError:
+                out.append(-1.0)
+        return tuple(out)
+
     def facts(self) -> KernelFacts:
         release = _read(self.proc_sys / "kernel/osrelease") or os.uname().release
         moddir = self.root / "lib/modules" / release
         builtin = frozenset(_module_names((moddir / "modules.builtin").read_text().splitlines())) \
             if (moddir / "modules.builtin").is_file() else frozenset()
         deps = _parse_deps(moddir / "modules.dep")
+        conf_files = self._conf_files()
         return KernelFacts(
             release=release,
             module_support=(self.root / "proc/modules").exists(),
@@ -92,7 +112,9 @@ class KernelProbe:
             on_disk=frozenset(deps),
             deps=deps,
             kconfig=self._kconfig(release),
-            blockers=dict(self._blockers()),
+            blockers=dict(self._blockers(conf_files)),
+            conf_files=conf_files,
+            fingerprint=self.fingerprint(release, conf_files),
         )
 
     def _kconfig(self, release: str) -> dict[str, str]:
@@ -106,7 +128,7 @@ class KernelProbe:
                 continue
         return {}
 
-    def _blockers(self) -> Iterator[tuple[str, Blocker]]:
+    def _conf_files(self) -> tuple[Path, ...]:
         seen: dict[str, Path] = {}
         for d in MODPROBE_DIRS:
             try:
@@ -115,8 +137,10 @@ class KernelProbe:
                 continue
             for name in names:
                 seen.setdefault(name, self.root / d / name)
-        for name in sorted(seen):
-            path = seen[name]
+        return tuple(seen[name] for name in sorted(seen))
+
+    def _blockers(self, files: Iterable[Path]) -> Iterator[tuple[str, Blocker]]:
+        for path in files:
             shown = "/" + str(path.relative_to(self.root))
             try:
                 text = path.read_text(errors="replace")

@@ -501,3 +501,34 @@ def test_unwritable_metrics_file_is_reported_once_and_harmless(h: Harness) -> No
     _, logs = h.run(h.daemon(cfg_for(h.host, metrics_textfile=prom, poll_interval=0.1)), driver)
     assert len(events(logs, "metrics.failed")) == 1
     assert h.host.is_live("nf_nat")
+
+
+def test_removing_a_blocker_is_noticed_without_a_reload(h: Harness) -> None:
+    """When the admin deletes the modprobe.d rule, the next poll restores the module."""
+    rule = h.host.block("install nf_conntrack /bin/true")
+    for m in ("br_netfilter", "nf_nat", "nf_conntrack"):
+        h.host.unload(m)
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        assert h.host.modprobe_calls() == ["br_netfilter"]
+        rule.unlink()
+        h.wait_for(lambda: h.host.is_live("nf_conntrack") and h.host.is_live("nf_nat"), timeout=5)
+
+    h.run(h.daemon(cfg_for(h.host, poll_interval=0.2)), driver)
+    assert h.host.modprobe_calls() == ["br_netfilter", "nf_conntrack", "nf_nat"]
+
+
+def test_editing_a_blocker_file_in_place_is_noticed(h: Harness) -> None:
+    """A rule commented out inside the same file (no rename) is also picked up at the next poll."""
+    rule = h.host.block("install nf_conntrack /bin/true")
+    for m in ("br_netfilter", "nf_nat", "nf_conntrack"):
+        h.host.unload(m)
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        rule.write_text("# install nf_conntrack /bin/true\n")
+        os.utime(rule, (time.time() + 5, time.time() + 5))  # coarse-mtime filesystems
+        h.wait_for(lambda: h.host.is_live("nf_conntrack"), timeout=5)
+
+    h.run(h.daemon(cfg_for(h.host, poll_interval=0.2)), driver)
