@@ -27,6 +27,7 @@ unit: $(BIN)/.installed
 
 vm: $(BIN)/.installed
 	VENV=$(abspath $(VENV)) bash tests/vm/prepare.sh
+	bash tests/vm/systemd/build-root.sh
 	$(BIN)/pytest -q tests/vm
 
 test: lint unit vm
