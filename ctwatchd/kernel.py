@@ -155,15 +155,19 @@ class KernelProbe:
     def initstate(self, name: str) -> str | None:
         return _read(self.sys_module / name / "initstate")
 
+    def instance(self, name: str) -> int | None:
+        """The inode of /sys/module/<name>: kernfs numbers never repeat, so a reload shows as a new one."""
+        try:
+            return os.stat(self.sys_module / name).st_ino
+        except OSError:
+            return None
+
     def status(self, name: str, facts: KernelFacts) -> ModuleStatus:
         blocker = facts.blockers.get(name)
         state = self.initstate(name)
         if state in ("live", "coming", "going"):
-            try:
-                instance: int | None = os.stat(self.sys_module / name).st_ino
-            except OSError:
-                instance = None
-            return ModuleStatus(name, ModuleState(state), f"/sys/module/{name}/initstate", _s(blocker), instance)
+            return ModuleStatus(name, ModuleState(state), f"/sys/module/{name}/initstate", _s(blocker),
+                                self.instance(name))
         if state is None and (self.sys_module / name).is_dir() and not (self.sys_module / name / "refcnt").exists():
             # Built-in code with parameters gets /sys/module/<name> but never an initstate or refcnt.
             return ModuleStatus(name, ModuleState.BUILTIN, f"/sys/module/{name} has no initstate", _s(blocker))
@@ -223,13 +227,19 @@ class KernelProbe:
                 with_tuning: bool = True) -> Observation:
         names = list(dict.fromkeys([*modules, CONNTRACK_IPV4, NAT_IPV4]))
         statuses = {n: self.status(n, facts) for n in names}
-        conntrack_live = statuses.get(CONNTRACK) is not None and statuses[CONNTRACK].state is ModuleState.LIVE
+        conntrack = statuses.get(CONNTRACK)
+        tuning: dict[str, str] = {}
+        if with_tuning and conntrack is not None and conntrack.state is ModuleState.LIVE:
+            tuning = self.tuning()
+            if self.instance(CONNTRACK) != conntrack.instance:
+                # Reloaded while we read: the values mix the old module's and the new one's defaults.
+                tuning = {}
         return Observation(
             release=facts.release,
             modules=statuses,
             sysctls={k: self.read_sysctl(k) for k in sysctl_keys},
             conntrack_count=self.conntrack_count(),
-            tuning=self.tuning() if with_tuning and conntrack_live else {},
+            tuning=tuning,
             deps=facts.deps,
         )
 
@@ -247,11 +257,17 @@ def _s(blocker: Blocker | None) -> str | None:
 
 
 def _read(path: Path) -> str | None:
+    # O_NONBLOCK: /proc and /sys ignore it, but a FIFO where such a file belongs must not hang the probe.
     try:
-        with open(path, "rb") as fh:
-            return fh.read(4096).decode("ascii", "replace").strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        return os.read(fd, 4096).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _module_names(paths: Iterable[str]) -> Iterator[str]:

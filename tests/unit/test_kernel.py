@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import shutil
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,26 @@ def test_sysctl_path_never_leaves_proc_sys(tmp_path: Path, key: str) -> None:
     with pytest.raises(ValueError, match="not a dotted sysctl name"):
         sysctl_path(tmp_path, key)
     assert sysctl_path(tmp_path, "net.ipv4.ip_forward") == tmp_path / "net/ipv4/ip_forward"
+
+
+def test_tuning_read_across_a_reload_is_discarded(loaded: FakeHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If nf_conntrack is reloaded while its values are read, the torn read is not offered as tuning."""
+    probe = KernelProbe(loaded.root)
+    facts = probe.facts()
+    real_tuning = probe.tuning
+
+    def reload_midway() -> dict[str, str]:
+        values = real_tuning()
+        old = loaded.root / "sys/module/nf_conntrack"
+        old.rename(loaded.root / "old-instance")  # kept until the new one exists: inodes cannot repeat
+        loaded.load("nf_conntrack")
+        shutil.rmtree(loaded.root / "old-instance")
+        return values
+
+    monkeypatch.setattr(probe, "tuning", reload_midway)
+    before = probe.instance("nf_conntrack")
+    o = probe.observe(facts, ["nf_conntrack"], [])
+    assert o.modules["nf_conntrack"].instance == before != probe.instance("nf_conntrack")
+    assert o.tuning == {}
+    monkeypatch.undo()
+    assert probe.observe(facts, ["nf_conntrack"], []).tuning  # a quiet read is kept
