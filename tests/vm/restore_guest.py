@@ -67,8 +67,15 @@ def wait_for(pred: Callable[[], bool], timeout: float = WAIT) -> float | None:
     return None
 
 
+def instance(m: str) -> int | None:
+    try:
+        return os.stat(f"/sys/module/{m}").st_ino  # a reload makes a new /sys/module/<m>
+    except OSError:
+        return None
+
+
 def snapshot() -> dict[str, Any]:
-    return {"initstate": {m: initstate(m) for m in MODULES},
+    return {"initstate": {m: initstate(m) for m in MODULES}, "instance": {m: instance(m) for m in MODULES},
             "sysctls": {k: sysctl(k) for k in (*SYSCTLS, *TUNED)},
             "count": read("/proc/sys/net/netfilter/nf_conntrack_count")}
 
@@ -106,12 +113,13 @@ def main() -> int:
             ("modprobe -r all three", [["modprobe", "-r", "br_netfilter", "nf_nat", "nf_conntrack"]]),
         ]
         for name, commands in scenarios:
+            before = snapshot()
             t0 = time.monotonic()
             results = [sh(*c) for c in commands]
             gone_after = {m: initstate(m) for m in MODULES}
             took = wait_for(restored)
             out["scenarios"].append({
-                "name": name, "commands": results, "state_right_after_removal": gone_after,
+                "name": name, "commands": results, "state_right_after_removal": gone_after, "before": before,
                 "restored_after_s": took, "removal_to_restored_s": round(time.monotonic() - t0, 3),
                 "after": snapshot(),
             })
