@@ -8,6 +8,7 @@ everything this module needs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -181,7 +182,8 @@ def boot(
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=30)
     elapsed = time.monotonic() - start
 

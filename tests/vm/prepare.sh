@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what the VM test tier needs; idempotent, and a no-op once cached.
-#   - Debian packages qemu-system-x86, busybox-static, kmod, file (apt-get, as root)
+#   - Debian packages qemu-system-x86, busybox-static, kmod, file, iptables, nftables, curl (apt-get, as root)
 #   - virtme-ng (vng) in the project venv ($VENV, default <repo>/.venv)
 #   - Debian bookworm's generic amd64 kernel, extracted to <repo>/.cache/vm/kernel
 #     (VERSION there names it; modules.dep built with depmod)
@@ -29,6 +29,10 @@ command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 command -v busybox >/dev/null || missing+=(busybox-static)
 { command -v modprobe && command -v depmod; } >/dev/null || missing+=(kmod)
 command -v file >/dev/null || missing+=(file)
+# The traffic scenario runs them inside the guest (the guest's root is this machine's filesystem).
+command -v iptables >/dev/null || [[ -x /usr/sbin/iptables ]] || missing+=(iptables)
+command -v nft >/dev/null || [[ -x /usr/sbin/nft ]] || missing+=(nftables)
+command -v curl >/dev/null || missing+=(curl)
 if ((${#missing[@]})); then
     [[ $(id -u) == 0 ]] || die "missing ${missing[*]}: run as root, or: sudo apt-get install ${missing[*]}"
     apt_update

@@ -68,8 +68,7 @@ def main(results: Path) -> int:
         "proc_config_gz": Path("/proc/config.gz").exists(),
         "modules_dep_lines": len(modules_dep.splitlines()),
         "legacy_modules_in_dep": {
-            name: any(n.startswith(name + ".ko") for n in dep_names)
-            for name in ("nf_conntrack_ipv4", "nf_nat_ipv4")
+            name: any(n.startswith(name + ".ko") for n in dep_names) for name in ("nf_conntrack_ipv4", "nf_nat_ipv4")
         },
         "show_depends_nf_nat": run("modprobe", "--show-depends", "nf_nat"),
         "iptables": run("iptables", "--version"),
@@ -83,9 +82,7 @@ def main(results: Path) -> int:
     facts["loaded_after_plain"] = {m: Path(f"/sys/module/{m}").exists() for m in NF_MODULES}
     facts["modprobe"] = run("modprobe", "-a", *NF_MODULES)
     facts["initstate"] = {m: read(f"/sys/module/{m}/initstate") for m in NF_MODULES}
-    facts["lsmod_nf"] = [
-        line for line in (read("/proc/modules") or "").splitlines() if "nf_" in line or "br_" in line
-    ]
+    facts["lsmod_nf"] = [line for line in (read("/proc/modules") or "").splitlines() if "nf_" in line or "br_" in line]
     facts["remove_br_netfilter"] = watch_remove("br_netfilter", timeout=15)
     facts["uptime_at_end"] = read("/proc/uptime")
     (results / "results.json").write_text(json.dumps(facts, indent=2) + "\n", encoding="utf-8")

@@ -40,8 +40,6 @@ def test_modules_load_unload_and_uevent(tmp_path: Path) -> None:
     assert removal["rmmod"]["rc"] == 0, removal["rmmod"]
     assert removal["gone"]
     assert any(
-        e.get("ACTION") == "remove"
-        and e.get("SUBSYSTEM") == "module"
-        and e.get("DEVPATH") == "/module/br_netfilter"
+        e.get("ACTION") == "remove" and e.get("SUBSYSTEM") == "module" and e.get("DEVPATH") == "/module/br_netfilter"
         for e in removal["events"]
     ), removal["events"]
