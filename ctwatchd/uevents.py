@@ -37,6 +37,15 @@ class UeventSource(Protocol):
 
     def drain(self) -> list[ModuleEvent]: ...
 
+    def _grow(self, size: int) -> None:
+        """SO_RCVBUFFORCE (libudev) needs CAP_NET_ADMIN; without it SO_RCVBUF, capped at rmem_max."""
+        try:
+            self._monitor.set_receive_buffer_size(size)
+        except (OSError, ValueError):
+            sock = socket.socket(fileno=os.dup(self.fileno()))
+            with contextlib.suppress(OSError), sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
     def close(self) -> None: ...
 
 
@@ -48,7 +57,7 @@ class KernelMonitor:
 
         self._monitor: Any = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")
         self.rcvbuf = rcvbuf
-        self._monitor.set_receive_buffer_size(rcvbuf)
+        self._grow(rcvbuf)
         self._monitor.start()
 
     def fileno(self) -> int:
@@ -83,11 +92,18 @@ class KernelMonitor:
             sock.close()
         if self.rcvbuf < RCVBUF_MAX:
             self.rcvbuf = min(self.rcvbuf * 2, RCVBUF_MAX)
-            # Without CAP_NET_ADMIN the kernel caps it at rmem_max; the resync happens anyway.
-            with contextlib.suppress(OSError, ValueError):
-                self._monitor.set_receive_buffer_size(self.rcvbuf)
+            self._grow(self.rcvbuf)
         detail = f"{exc.strerror or exc} (SO_ERROR={err}); receive buffer now {self.rcvbuf} bytes"
         raise Overrun(detail) from exc
+
+    def _grow(self, size: int) -> None:
+        """SO_RCVBUFFORCE (libudev) needs CAP_NET_ADMIN; without it SO_RCVBUF, capped at rmem_max."""
+        try:
+            self._monitor.set_receive_buffer_size(size)
+        except (OSError, ValueError):
+            sock = socket.socket(fileno=os.dup(self.fileno()))
+            with contextlib.suppress(OSError), sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
     def close(self) -> None:
         # libudev owns the fd and closes it when the last reference to the monitor goes.
