@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from ctwatchd.config import Config, DockerMode
 from ctwatchd.model import (
+    BR_NETFILTER,
     CANONICAL_ORDER,
     CONNTRACK,
     CONNTRACK_IPV4,
@@ -35,6 +36,8 @@ LEGACY = {CONNTRACK_IPV4: (CONNTRACK, (4, 19)), NAT_IPV4: (NAT, (5, 1))}
 TRANSIENT_GRACE = 10.0
 # How soon to look again while a module is coming or going.
 TRANSIENT_RECHECK = 0.2
+# Sysctl files that exist only while their module is loaded: a missing one can appear only with that load.
+SYSCTL_OWNERS = (("net.bridge.", BR_NETFILTER), ("net.netfilter.nf_conntrack_", CONNTRACK))
 
 
 def kernel_version(release: str) -> tuple[int, int]:
@@ -214,7 +217,7 @@ def decide(cfg: Config, state: CoreState, obs: Observation, now: float) -> Decis
     if CONNTRACK in to_load:
         steps.append(Step(StepKind.VERIFY_CONNTRACK))
 
-    writes = _sysctl_writes(cfg, state, obs, reloading=bool(to_load), conntrack=CONNTRACK in to_load)
+    writes = _sysctl_writes(cfg, state, obs, loading=to_load)
     if writes:
         steps.append(Step(StepKind.WRITE_SYSCTLS, sysctls=writes))
 
@@ -236,22 +239,30 @@ def decide(cfg: Config, state: CoreState, obs: Observation, now: float) -> Decis
     return Decision(state, RestorePlan(tuple(steps), reason, skipped), None, health)
 
 
-def _sysctl_writes(cfg: Config, state: CoreState, obs: Observation, *, reloading: bool,
-                   conntrack: bool) -> tuple[tuple[str, str], ...]:
+def _sysctl_writes(cfg: Config, state: CoreState, obs: Observation, *,
+                   loading: Sequence[str]) -> tuple[tuple[str, str], ...]:
     desired = dict(cfg.sysctls)
+    conntrack = CONNTRACK in loading
     writes: dict[str, str] = {}
     for key, want in cfg.sysctls:
         have = obs.sysctls.get(key)
         # After loading modules every desired key is written: the files appear with the load. Without a
-        # load, a missing file cannot be fixed by writing it, so only existing, drifted keys are planned.
-        if reloading or (have is not None and normalize_value(have) != normalize_value(want)):
+        # load, a missing file cannot be fixed by writing it, so only existing, drifted keys are planned;
+        # the same holds for a missing file whose module is not among those loaded (blocked, unavailable).
+        owner = next((m for prefix, m in SYSCTL_OWNERS if key.startswith(prefix)), None)
+        appears = bool(loading) and (have is not None or owner is None or owner in loading)
+        if appears or (have is not None and normalize_value(have) != normalize_value(want)):
             writes[key] = want
-    if conntrack or state.conntrack_reloaded:
+    status = obs.modules.get(CONNTRACK)
+    live = status is not None and status.state is ModuleState.LIVE
+    # The snapshot goes back after this plan loads nf_conntrack, or once a reload by someone else is
+    # seen live; never while conntrack is absent (blocked, failing): its files do not exist then.
+    if conntrack or (state.conntrack_reloaded and live):
         for key, value in sorted(state.tuning.items()):
             if key in desired:
                 continue  # [sysctl] wins over the snapshot
             have = obs.tuning.get(key)
-            if conntrack or have is None or normalize_value(have) != normalize_value(value):
+            if conntrack or (have is not None and normalize_value(have) != normalize_value(value)):
                 writes[key] = value
     return tuple(writes.items())
 

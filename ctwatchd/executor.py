@@ -17,6 +17,7 @@ from ctwatchd.audit import AuditLog
 from ctwatchd.config import Config
 from ctwatchd.kernel import KernelProbe, sysctl_path
 from ctwatchd.model import (
+    MODULE_NAME,
     Outcome,
     RestorePlan,
     RestoreResult,
@@ -99,6 +100,10 @@ class Executor:
         return self._completed(self.runner.run(step.argv, self.cfg.hook_timeout))
 
     def _load(self, name: str) -> tuple[Outcome, str]:
+        if not MODULE_NAME.match(name):
+            # Plans only name validated modules; this keeps an option or a path off modprobe's command
+            # line even if a Config or plan is built some other way.
+            return Outcome.FAILED, f"refusing to run modprobe for {name!r}: not a plain module name"
         done = self.runner.run([modprobe_path(self.cfg), name], self.cfg.module_timeout)
         if not done.ok:
             return self._completed(done)
@@ -111,8 +116,8 @@ class Executor:
                 break
             self.sleep(0.01)
         if state is None:
-            return Outcome.FAILED, (f"modprobe {name} succeeded but /sys/module/{name}/initstate does not exist; "
-                                    "an 'install' rule in modprobe.d may be replacing the load")
+            return Outcome.FAILED, (f"modprobe {name} exited 0 but {name} is not loaded: it was removed again "
+                                    "at once, or an 'install' rule in modprobe.d replaced the load")
         return Outcome.FAILED, f"modprobe {name} succeeded but /sys/module/{name}/initstate is {state!r}"
 
     def _sysctls(self, pairs: tuple[tuple[str, str], ...]) -> tuple[Outcome, str]:
@@ -156,14 +161,18 @@ def write_sysctl(proc_sys: Path, key: str, value: str) -> str | None:
     except ValueError as exc:
         return str(exc)
     try:
-        # No O_CREAT: a missing /proc/sys file is an error, never created.
-        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+        # No O_CREAT: a missing /proc/sys file is an error, never created. O_NONBLOCK: /proc/sys ignores
+        # it, but a FIFO where a sysctl file belongs must fail (ENXIO), not hang the daemon.
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             os.write(fd, value.encode() + b"\n")
         finally:
             os.close(fd)
-        with open(path, "rb") as fh:
-            back = fh.read(4096).decode("ascii", "replace")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            back = os.read(fd, 4096).decode("ascii", "replace")
+        finally:
+            os.close(fd)
     except OSError as exc:
         reason = {errno.ENOENT: "does not exist", errno.EPERM: "permission denied (EPERM)",
                   errno.EACCES: "permission denied (EACCES)", errno.EROFS: "read-only file system (EROFS)",

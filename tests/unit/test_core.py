@@ -290,3 +290,13 @@ def test_reload_seen_only_as_a_new_instance_still_reapplies_tuning() -> None:
     same = decide(CFG, s, live(100, {**TUNED, "net.netfilter.nf_conntrack_max": "5"}), 1.0)
     assert not same.state.conntrack_reloaded  # same instance: an admin's change, learned
     assert same.state.tuning["net.netfilter.nf_conntrack_max"] == "5"
+
+
+def test_snapshot_is_not_written_while_conntrack_is_absent() -> None:
+    """A blocked (or failing) conntrack after a reload: no tuning writes into files that do not exist."""
+    s = decide(CFG, CoreState(), obs(tuning=TUNED), 0.0).state
+    d = decide(CFG, s, obs(nf_conntrack=X, nf_nat=A, count=None), 1.0)
+    assert d.state.conntrack_reloaded
+    assert not d.plan  # nf_nat needs the blocked conntrack; the tuning waits for conntrack to be live
+    d2 = decide(CFG, d.state, obs(tuning=DEFAULTS), 2.0)  # the block lifted, loaded by someone else
+    assert dict(d2.plan.steps[0].sysctls) == TUNED

@@ -63,7 +63,7 @@ def test_modprobe_success_without_load_is_a_failure(host: FakeHost) -> None:
     cfg, ex = make(host, modules=("nf_nat",))
     result = ex.execute(plan_for(cfg, host))
     assert result.failed is not None
-    assert "initstate does not exist" in result.failed.detail and "install" in result.failed.detail
+    assert "exited 0 but nf_nat is not loaded" in result.failed.detail and "install" in result.failed.detail
 
 
 def test_sysctl_writes_are_read_back(loaded: FakeHost) -> None:

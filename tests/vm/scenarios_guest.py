@@ -140,6 +140,8 @@ def topology() -> None:
         sh("ip", "link", "set", veth, "master", "br0", check=True)
         sh("ip", "link", "set", veth, "up", check=True)
     sh("ip", "link", "set", "br0", "up", check=True)
+    # The published address must be routable before OUTPUT's DNAT rewrites it (the guest has no default route).
+    sh("ip", "route", "add", f"{VIP}/32", "dev", "br0", check=True)
 
 
 def request(url: str, netns: str | None = None, timeout: float = 2.0) -> bool:
@@ -239,6 +241,7 @@ def phase_blocker() -> None:
         d["check"] = check_json("blocker")
         Path("/etc/modprobe.d/protect-conntrack.conf").unlink()
         d["released_restored_s"] = wait_for(healthy, 90)
+        time.sleep(2)  # let the daemon finish verifying before it is stopped
     sh("umount", "/etc/modprobe.d")
 
 

@@ -75,7 +75,12 @@ def test_flapping_ends_restored_and_the_breaker_caps_restarts(results: dict[str,
     assert phase["hook_runs"] == 3
     assert events(phase, "breaker.open")
     finished = events(phase, "restore.finished")
-    assert len(finished) >= 25 and all(e["result"] == "ok" for e in finished)
+    assert len(finished) >= 25
+    # The driver removes the module the instant it is live, so a verification may see it gone again:
+    # reported as exactly that, and retried. Nothing else may fail.
+    failed = [e for e in finished if e["result"] != "ok"]
+    assert all("is not loaded: it was removed again" in e["detail"] for e in failed), failed
+    assert len(failed) <= 5
     report = phase["check"]["report"]
     assert phase["check"]["exit"] == 0, report
     assert report["daemon"]["breaker_open"] is True
