@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: health test lint unit vm clean
+.PHONY: health test lint unit vm packaging clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ vm: $(BIN)/.installed
 	bash tests/vm/systemd/build-root.sh
 	$(BIN)/pytest -q tests/vm
 
-test: lint unit vm
+packaging: $(BIN)/.installed
+	bash packaging/install-build-deps.sh
+	$(BIN)/pytest -q tests/packaging
+
+test: lint unit packaging vm
 
 clean:
 	rm -rf $(VENV) .cache build dist *.egg-info

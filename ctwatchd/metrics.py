@@ -8,6 +8,7 @@ says so explicitly.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -76,5 +77,13 @@ class Metrics:
         self.duration.observe(result.duration_ms / 1000)
 
     def write(self) -> None:
-        """Atomic replace (temp file + rename in the same directory); raises OSError to the caller."""
-        self._write(str(self.path), self.registry)
+        """Atomic replace (temp file + rename in the same directory); raises OSError to the caller.
+
+        Written 0644 whatever the umask (the unit's UMask=0077): node_exporter usually runs as
+        another user and must be able to read it. The metrics hold nothing secret.
+        """
+        old = os.umask(0o022)
+        try:
+            self._write(str(self.path), self.registry)
+        finally:
+            os.umask(old)

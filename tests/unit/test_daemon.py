@@ -469,6 +469,17 @@ def test_metrics_textfile_is_written_and_parses(h: Harness) -> None:
     assert [p.name for p in prom.parent.iterdir()] == ["ctwatchd.prom"]  # no temp files left
 
 
+def test_metrics_file_is_world_readable_under_a_strict_umask(h: Harness) -> None:
+    """The unit's UMask=0077 must not make the textfile unreadable for node_exporter."""
+    prom = h.host.root / "ctwatchd.prom"
+    old = os.umask(0o077)
+    try:
+        h.run(h.daemon(cfg_for(h.host, metrics_textfile=prom)), lambda: h.wait_notify("READY=1"))
+    finally:
+        os.umask(old)
+    assert prom.stat().st_mode & 0o777 == 0o644
+
+
 def test_conntrack_absent_is_an_explicit_metric(h: Harness) -> None:
     """node_exporter's conntrack metrics vanish with the module; ctwatchd_conntrack_absent says 1."""
     from prometheus_client.parser import text_string_to_metric_families
