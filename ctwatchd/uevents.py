@@ -37,15 +37,6 @@ class UeventSource(Protocol):
 
     def drain(self) -> list[ModuleEvent]: ...
 
-    def _grow(self, size: int) -> None:
-        """SO_RCVBUFFORCE (libudev) needs CAP_NET_ADMIN; without it SO_RCVBUF, capped at rmem_max."""
-        try:
-            self._monitor.set_receive_buffer_size(size)
-        except (OSError, ValueError):
-            sock = socket.socket(fileno=os.dup(self.fileno()))
-            with contextlib.suppress(OSError), sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
-
     def close(self) -> None: ...
 
 
