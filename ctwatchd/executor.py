@@ -72,17 +72,18 @@ class Executor:
                 outcome, detail = Outcome.FAILED, f"internal error: {type(exc).__name__}: {exc}"
             result = StepResult(step, outcome, round((self.clock() - t0) * 1000, 1), detail)
             results.append(result)
-            self._audit(result)
+            self._audit(result, t0)
             if outcome in (Outcome.FAILED, Outcome.INTERRUPTED):
                 stopped = result
         return RestoreResult(plan, tuple(results), round((self.clock() - start) * 1000, 1))
 
-    def _audit(self, r: StepResult) -> None:
+    def _audit(self, r: StepResult, started: float) -> None:
         level = "info" if r.outcome in (Outcome.OK, Outcome.SKIPPED) else "error"
         getattr(self.log, level)(
             "restore.step", action=r.step.kind.value, module=r.step.module, result=r.outcome.value,
             duration_ms=r.duration_ms, detail=r.detail or None,
             argv=" ".join(r.step.argv) if r.step.argv else None,
+            monotonic=round(started, 6),  # when the step began (CLOCK_MONOTONIC), for latency analysis
         )
 
     def _run(self, step: Step) -> tuple[Outcome, str]:
