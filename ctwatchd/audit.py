@@ -18,22 +18,15 @@ import struct
 import sys
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 
 import structlog
 
 from ctwatchd.config import LogFormat
+from ctwatchd.model import AuditLog
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SYSLOG_IDENTIFIER = "ctwatchd"
-
-
-class AuditLog(Protocol):
-    """What the daemon and executor need of a structlog bound logger."""
-
-    def info(self, event: str, **fields: Any) -> Any: ...  # noqa: ANN401
-    def warning(self, event: str, **fields: Any) -> Any: ...  # noqa: ANN401
-    def error(self, event: str, **fields: Any) -> Any: ...  # noqa: ANN401
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,12 @@ from collections.abc import Callable
 
 from ctwatchd import __version__, core
 from ctwatchd import state as statefile
-from ctwatchd.audit import AuditLog
 from ctwatchd.config import Config, ConfigError
 from ctwatchd.core import CoreState, core_state
 from ctwatchd.executor import Executor
 from ctwatchd.kernel import KernelFacts, KernelProbe
 from ctwatchd.metrics import Metrics, MetricsUnavailable
-from ctwatchd.model import ModuleState, Observation
+from ctwatchd.model import AuditLog, ModuleState, Observation
 from ctwatchd.notify import Notifier, watchdog_interval
 from ctwatchd.runner import Runner
 from ctwatchd.uevents import ModuleEvent, MonitorClosed, Overrun, UeventSource

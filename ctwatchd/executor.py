@@ -13,11 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctwatchd.audit import AuditLog
 from ctwatchd.config import Config
 from ctwatchd.kernel import KernelProbe, sysctl_path
 from ctwatchd.model import (
     MODULE_NAME,
+    AuditLog,
     Outcome,
     RestorePlan,
     RestoreResult,

@@ -6,6 +6,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any, Protocol
 
 # A loadable module name as modprobe accepts it: no path, no option, no glob.
 MODULE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")  # no leading "-": not an option
@@ -18,6 +19,14 @@ NAT_IPV4 = "nf_nat_ipv4"
 
 # The order the seed's runbook loads them in; used where modules.dep says nothing.
 CANONICAL_ORDER = (CONNTRACK, CONNTRACK_IPV4, NAT, NAT_IPV4, BR_NETFILTER)
+
+
+class AuditLog(Protocol):
+    """What the daemon and executor need of a structlog bound logger (kept here, free of structlog)."""
+
+    def info(self, event: str, **fields: Any) -> Any: ...  # noqa: ANN401
+    def warning(self, event: str, **fields: Any) -> Any: ...  # noqa: ANN401
+    def error(self, event: str, **fields: Any) -> Any: ...  # noqa: ANN401
 
 
 def normalize_module(name: str) -> str:
