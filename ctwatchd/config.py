@@ -20,6 +20,7 @@ from typing import Any
 from ctwatchd.model import BR_NETFILTER, CONNTRACK, MODULE_NAME, NAT, normalize_module
 
 DEFAULT_PATH = Path("/etc/ctwatchd/ctwatchd.toml")
+MAX_BYTES = 1 << 20  # a larger file is refused whole, never read in part
 
 # A dotted sysctl name: components of letters, digits, '_' and '-' (no '/', no '..', no empty part).
 SYSCTL_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+$")
@@ -73,6 +74,12 @@ class Config:
         return dict(self.sysctls)
 
 
+def _shown(key: str) -> str:
+    """A key as written, or quoted with escapes when it holds a newline or another control character:
+    messages stay one line."""
+    return key if key.isprintable() else repr(key)
+
+
 def _where(path: Path | None, section: str, key: str | None = None) -> str:
     name = str(path) if path else "built-in configuration"
     return f"{name}: [{section}] {key}" if key else f"{name}: [{section}]"
@@ -116,7 +123,7 @@ class _Reader:
 
     def done(self) -> None:
         if self.table:
-            unknown = ", ".join(sorted(self.table))
+            unknown = ", ".join(_shown(k) for k in sorted(self.table))
             raise ConfigError(f"{_where(self.path, self.section)} has unknown key(s): {unknown}.")
 
 
@@ -147,7 +154,7 @@ def parse(data: Mapping[str, Any], path: Path | None = None) -> Config:
     unknown = sorted(set(data) - set(_SECTIONS))
     if unknown:
         name = str(path) if path else "configuration"
-        raise ConfigError(f"{name}: unknown section or key(s): {', '.join(unknown)} "
+        raise ConfigError(f"{name}: unknown section or key(s): {', '.join(_shown(k) for k in unknown)} "
                           f"(known sections: {', '.join(sorted(_SECTIONS))}).")
     fields: dict[str, Any] = {"path": path}
     for section, reader in _SECTIONS.items():
@@ -183,7 +190,7 @@ def _sysctl(path: Path | None, table: object) -> dict[str, Any]:
         raise ConfigError(f"{_where(path, 'sysctl')} must be a table of \"key\" = \"value\", not {_type(table)}.")
     sysctls: list[tuple[str, str]] = []
     for key, value in _flatten(table):
-        where = _where(path, "sysctl", f'"{key}"')
+        where = _where(path, "sysctl", f'"{key}"' if key.isprintable() else repr(key))
         if not SYSCTL_KEY.match(key):
             raise ConfigError(f"{where} is not a dotted sysctl name under /proc/sys "
                               "(letters, digits, '_', '-' separated by '.'; no '/' or '..').")
@@ -286,9 +293,71 @@ def check_trust(path: Path, st: os.stat_result, euid: int) -> None:
                           "refusing it because ctwatchd runs its hooks as root.")
 
 
+def _chain(path: str) -> list[str]:
+    """The path and every directory above it, up to and including '/'."""
+    out = [path]
+    while path != "/":
+        path = os.path.dirname(path) or "/"
+        out.append(path)
+    return out
+
+
+def check_executable_trust(where: str, exe: str, euid: int, stat_fn: Callable[[str], os.stat_result] = os.stat,
+                           realpath: Callable[[str], str] = os.path.realpath) -> None:
+    """An executable ctwatchd will run must exist; as root it must be root's alone (sudo's and sshd's rule).
+
+    The file and every directory above it, both along the path as written and along the path with its
+    symlinks resolved, must be owned by root and not writable by group or others: anyone who could
+    change one of them could make ctwatchd run their code as root.
+    """
+    try:
+        st = stat_fn(exe)
+    except FileNotFoundError:
+        raise ConfigError(f"{where} {exe!r} does not exist.") from None
+    except OSError as exc:
+        raise ConfigError(f"{where} {exe!r} cannot be checked: {exc.strerror or exc}.") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{where} {exe!r} is not a regular file.")
+    if not st.st_mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH):
+        raise ConfigError(f"{where} {exe!r} is not executable.")
+    if euid != 0:
+        return
+    try:
+        resolved = realpath(exe)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{where} {exe!r} cannot be resolved: {exc}.") from None
+    checked: set[str] = set()
+    for item in (*_chain(exe), *_chain(resolved)):
+        if item in checked:
+            continue
+        checked.add(item)
+        try:
+            st = stat_fn(item)
+        except OSError as exc:
+            raise ConfigError(f"{where} {exe!r}: {item!r} cannot be checked: {exc.strerror or exc}.") from None
+        what = "it" if item in (exe, resolved) else f"its directory {item!r}"
+        if st.st_uid != 0:
+            raise ConfigError(f"{where} {exe!r} refused: {what} is owned by uid {st.st_uid}, not root, "
+                              "and ctwatchd runs its hooks as root.")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ConfigError(f"{where} {exe!r} refused: {what} is writable by group or others "
+                              f"(mode {stat.S_IMODE(st.st_mode):04o}), and ctwatchd runs its hooks as root.")
+
+
+def check_hooks(cfg: Config, euid: int, stat_fn: Callable[[str], os.stat_result] = os.stat,
+                realpath: Callable[[str], str] = os.path.realpath) -> None:
+    for i, argv in enumerate(cfg.hooks):
+        check_executable_trust(_where(cfg.path, "restore", f"hooks[{i}][0]"), argv[0], euid, stat_fn, realpath)
+
+
 def load(path: Path | None, *, euid: int | None = None,
-         opener: Callable[[Path], tuple[bytes, os.stat_result]] | None = None) -> Config:
-    """Load the configuration at `path`; None means the default path, which may be absent."""
+         opener: Callable[[Path], tuple[bytes, os.stat_result]] | None = None,
+         stat_fn: Callable[[str], os.stat_result] | None = None) -> Config:
+    """Load the configuration at `path`; None means the default path, which may be absent.
+
+    `euid`, `opener` and `stat_fn` are seams for tests: whose rules apply, how the file is read, and
+    how hook executables and their directories are looked at.
+    """
     explicit = path is not None
     target = path if path is not None else DEFAULT_PATH
     uid = os.geteuid() if euid is None else euid
@@ -301,6 +370,8 @@ def load(path: Path | None, *, euid: int | None = None,
     except OSError as exc:
         raise ConfigError(f"{target}: cannot read the configuration: {exc.strerror or exc}.") from None
     check_trust(target, st, uid)
+    if len(raw) > MAX_BYTES:
+        raise ConfigError(f"{target}: larger than {MAX_BYTES} bytes; refusing it rather than reading part of it.")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -309,10 +380,14 @@ def load(path: Path | None, *, euid: int | None = None,
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{target}: malformed TOML: {exc}.") from None
-    return parse(data, target)
+    except RecursionError:  # tomllib recurses once per level of nested arrays and inline tables
+        raise ConfigError(f"{target}: malformed TOML: arrays or inline tables nested too deeply.") from None
+    cfg = parse(data, target)
+    check_hooks(cfg, uid, stat_fn or os.stat)
+    return cfg
 
 
 def _read(path: Path) -> tuple[bytes, os.stat_result]:
     # fstat the descriptor we read, so the trust check and the content cannot be two different files.
     with path.open("rb") as fh:
-        return fh.read(1 << 20), os.fstat(fh.fileno())
+        return fh.read(MAX_BYTES + 1), os.fstat(fh.fileno())

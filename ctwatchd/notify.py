@@ -13,6 +13,8 @@ from typing import Any
 
 import sdnotify
 
+SEND_TIMEOUT = 2.0  # seconds one notify datagram may wait for room in the receiver's queue
+
 
 def watchdog_interval(env: Mapping[str, str], pid: int) -> float | None:
     """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None when no watchdog is ours."""
@@ -40,7 +42,11 @@ class Notifier:
 
     def _connect(self) -> Any:  # noqa: ANN401
         if self._impl is None:
-            self._impl = sdnotify.SystemdNotifier(debug=True)
+            impl = sdnotify.SystemdNotifier(debug=True)
+            # sdnotify's socket blocks: a receiver that stopped reading would stall the loop (and its
+            # watchdog pings) forever. Wait a little for a busy systemd, then give the message up.
+            impl.socket.settimeout(SEND_TIMEOUT)
+            self._impl = impl
         return self._impl
 
     def send(self, *lines: str) -> bool:

@@ -48,7 +48,7 @@ class Completed:
             return f"{name} was stopped because ctwatchd is stopping"
         last = self.output.strip().splitlines()[-1:] or [""]
         if self.returncode is not None and self.returncode < 0:
-            return f"{name} was killed by signal {-self.returncode}" + (f": {last[0]}" if last[0] else "")
+            return f"{name} was killed by signal {-self.returncode}" + (f": {last[0][:300]}" if last[0] else "")
         return f"{name} exited with status {self.returncode}" + (f": {last[0][:300]}" if last[0] else "")
 
 
