@@ -53,9 +53,9 @@ def main() -> int:
         time.sleep(1.0)  # let both drain what is queued
         c1, u1 = cpu(ctw.pid), cpu(udev.pid)
         alive = ctw.poll() is None
-        for p in (ctw, udev):
-            p.terminate()
-            p.wait(timeout=20)
+        for proc in (ctw, udev):
+            proc.terminate()
+            proc.wait(timeout=20)
     ctw_cpu, udev_cpu = c1 - c0, u1 - u0
     print(f"{n} uevents in {took:.1f} s ({n / took:.0f}/s) on {os.uname().release}")
     print(f"  ctwatchd run:            {ctw_cpu:6.2f} CPU-s  (alive afterwards: {alive})")

@@ -472,9 +472,12 @@ def test_metrics_textfile_is_written_and_parses(h: Harness) -> None:
 def test_metrics_file_is_world_readable_under_a_strict_umask(h: Harness) -> None:
     """The unit's UMask=0077 must not make the textfile unreadable for node_exporter."""
     prom = h.host.root / "ctwatchd.prom"
+    def driver() -> None:
+        h.wait_notify("READY=1")
+
     old = os.umask(0o077)
     try:
-        h.run(h.daemon(cfg_for(h.host, metrics_textfile=prom)), lambda: h.wait_notify("READY=1"))
+        h.run(h.daemon(cfg_for(h.host, metrics_textfile=prom)), driver)
     finally:
         os.umask(old)
     assert prom.stat().st_mode & 0o777 == 0o644
