@@ -96,7 +96,7 @@ def run_check(cfg: Config, root: Path = Path("/")) -> Report:
     errors = [f"{p} is not readable; is /sys or /proc mounted?"
               for p in (root / "sys/module", root / "proc/sys/kernel") if not p.is_dir()]
     facts = probe.facts()
-    obs = probe.observe(facts, cfg.modules, [k for k, _ in cfg.sysctls])
+    obs = probe.observe(facts, core.observed_modules(cfg.modules, facts.release), [k for k, _ in cfg.sysctls])
     now = time.monotonic()
     daemon, restarts = daemon_state(cfg, now)
     decision = core.decide(cfg, core.CoreState(restarts=restarts), obs, now)

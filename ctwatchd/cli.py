@@ -117,7 +117,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         print(f"ctwatchd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     probe = KernelProbe(args.root)
-    obs = probe.observe(probe.facts(), cfg.modules, [k for k, _ in cfg.sysctls])
+    facts = probe.facts()
+    obs = probe.observe(facts, core.observed_modules(cfg.modules, facts.release), [k for k, _ in cfg.sysctls])
     state = core.CoreState()
     try:
         saved = statefile.load(cfg.state_file)

@@ -49,6 +49,13 @@ def kernel_version(release: str) -> tuple[int, int]:
         return (99, 0)
 
 
+def observed_modules(desired: Sequence[str], release: str) -> tuple[str, ...]:
+    """What to look at: the desired set plus, on kernels old enough to have them, the legacy modules."""
+    version = kernel_version(release)
+    legacy = [m for m, (parent, fixed_in) in LEGACY.items() if parent in desired and version < fixed_in]
+    return tuple(dict.fromkeys([*desired, *legacy]))
+
+
 def effective_modules(desired: Sequence[str], obs: Observation) -> tuple[str, ...]:
     """The desired set plus the legacy per-family modules this kernel still has on disk."""
     version = kernel_version(obs.release)

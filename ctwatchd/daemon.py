@@ -249,7 +249,8 @@ class Daemon:
 
     # -- reconcile ----------------------------------------------------------------------------
     def observe(self) -> Observation:
-        return self.probe.observe(self.facts, self.cfg.modules, [k for k, _ in self.cfg.sysctls],
+        return self.probe.observe(self.facts, core.observed_modules(self.cfg.modules, self.facts.release),
+                                  [k for k, _ in self.cfg.sysctls],
                                   with_tuning=self.cfg.keep_conntrack_tuning)
 
     def reconcile(self) -> None:

@@ -78,16 +78,20 @@ class KernelProbe:
         self.root = root
         self.sys_module = root / "sys/module"
         self.proc_sys = root / "proc/sys"
+        # The poll runs these every few seconds for the daemon's whole life: plain strings, not pathlib.
+        self._root = str(root).rstrip("/")
+        self._sm = str(self.sys_module)
+        self._sysctl_paths: dict[str, str] = {}
 
     # -- static facts -------------------------------------------------------------------------
-    def fingerprint(self, release: str, files: Iterable[Path] = ()) -> tuple[float, ...]:
+    def fingerprint(self, release: str, files: Iterable[Path | str] = ()) -> tuple[float, ...]:
         """Cheap change detector for the static facts: mtimes of modules.dep, the modprobe.d dirs
         (a file added or removed) and the .conf files in them (a file edited in place).
 
         An admin removing a modprobe.d blocker, or depmod after a kernel package upgrade, is noticed
         at the next poll for the price of a few stat() calls.
         """
-        paths = [self.root / "lib/modules" / release / "modules.dep", *(self.root / d for d in MODPROBE_DIRS),
+        paths = [f"{self._root}/lib/modules/{release}/modules.dep", *(f"{self._root}/{d}" for d in MODPROBE_DIRS),
                  *files]
         out: list[float] = []
         for p in paths:
@@ -153,12 +157,12 @@ class KernelProbe:
 
     # -- live state ---------------------------------------------------------------------------
     def initstate(self, name: str) -> str | None:
-        return _read(self.sys_module / name / "initstate")
+        return _read(f"{self._sm}/{name}/initstate")
 
     def instance(self, name: str) -> int | None:
         """The inode of /sys/module/<name>: kernfs numbers never repeat, so a reload shows as a new one."""
         try:
-            return os.stat(self.sys_module / name).st_ino
+            return os.stat(f"{self._sm}/{name}").st_ino
         except OSError:
             return None
 
@@ -168,7 +172,8 @@ class KernelProbe:
         if state in ("live", "coming", "going"):
             return ModuleStatus(name, ModuleState(state), f"/sys/module/{name}/initstate", _s(blocker),
                                 self.instance(name))
-        if state is None and (self.sys_module / name).is_dir() and not (self.sys_module / name / "refcnt").exists():
+        mod_dir = f"{self._sm}/{name}"
+        if state is None and os.path.isdir(mod_dir) and not os.path.exists(f"{mod_dir}/refcnt"):
             # Built-in code with parameters gets /sys/module/<name> but never an initstate or refcnt.
             return ModuleStatus(name, ModuleState.BUILTIN, f"/sys/module/{name} has no initstate", _s(blocker))
         if name in facts.builtin:
@@ -178,7 +183,7 @@ class KernelProbe:
             return ModuleStatus(name, ModuleState.BUILTIN, f"{symbol}=y in the kernel config", _s(blocker))
         evidence = EVIDENCE.get(name)
         if not facts.module_support:
-            if evidence and (self.root / evidence).exists():
+            if evidence and os.path.exists(f"{self._root}/{evidence}"):
                 return ModuleStatus(name, ModuleState.BUILTIN, f"/{evidence} exists", _s(blocker))
             return ModuleStatus(name, ModuleState.UNAVAILABLE,
                                 "the kernel has no module support and shows no sign of it", _s(blocker))
@@ -192,7 +197,10 @@ class KernelProbe:
         return ModuleStatus(name, ModuleState.UNAVAILABLE, f"not in /lib/modules/{facts.release}/modules.dep")
 
     def read_sysctl(self, key: str) -> str | None:
-        return _read(sysctl_path(self.proc_sys, key))
+        path = self._sysctl_paths.get(key)
+        if path is None:
+            path = self._sysctl_paths[key] = str(sysctl_path(self.proc_sys, key))
+        return _read(path)
 
     def tuning(self) -> dict[str, str]:
         """The writable nf_conntrack_* sysctls: the tuned values a reload resets to defaults."""
@@ -217,7 +225,7 @@ class KernelProbe:
         return out
 
     def conntrack_count(self) -> int | None:
-        raw = _read(self.proc_sys / "net/netfilter/nf_conntrack_count")
+        raw = _read(f"{self._root}/proc/sys/net/netfilter/nf_conntrack_count")
         try:
             return int(raw) if raw is not None else None
         except ValueError:
@@ -225,8 +233,7 @@ class KernelProbe:
 
     def observe(self, facts: KernelFacts, modules: Sequence[str], sysctl_keys: Iterable[str], *,
                 with_tuning: bool = True) -> Observation:
-        names = list(dict.fromkeys([*modules, CONNTRACK_IPV4, NAT_IPV4]))
-        statuses = {n: self.status(n, facts) for n in names}
+        statuses = {n: self.status(n, facts) for n in dict.fromkeys(modules)}
         conntrack = statuses.get(CONNTRACK)
         tuning: dict[str, str] = {}
         if with_tuning and conntrack is not None and conntrack.state is ModuleState.LIVE:
@@ -256,7 +263,7 @@ def _s(blocker: Blocker | None) -> str | None:
     return str(blocker) if blocker else None
 
 
-def _read(path: Path) -> str | None:
+def _read(path: Path | str) -> str | None:
     # O_NONBLOCK: /proc and /sys ignore it, but a FIFO where such a file belongs must not hang the probe.
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)

@@ -159,3 +159,26 @@ def test_run_exits_0_on_stop_signals(loaded: FakeHost, sig: signal.Signals) -> N
     finally:
         p.kill()
         p.wait()
+
+
+def test_old_kernel_plan_adds_the_ipv4_modules_in_the_runbook_order(tmp_path: Path) -> None:
+    """A 4.14 kernel whose modules tree has nf_conntrack_ipv4/nf_nat_ipv4: they are planned and loaded in order."""
+    from fakehost import MODULES
+
+    modules = dict(MODULES)
+    modules["nf_conntrack_ipv4"] = ("kernel/net/ipv4/netfilter/nf_conntrack_ipv4.ko", ("nf_conntrack",))
+    modules["nf_nat_ipv4"] = ("kernel/net/ipv4/netfilter/nf_nat_ipv4.ko", ("nf_nat", "nf_conntrack_ipv4",
+                                                                           "nf_conntrack"))
+    host = FakeHost(tmp_path / "r", release="4.14.0-1-amd64", modules=modules)
+    cfg = host.config()
+    dry = ctw("restore", "--dry-run", "--root", str(host.root), "--config", str(cfg))
+    assert dry.returncode == 0, dry.stderr
+    steps = [line.split(". ", 1)[1].split(",")[0] for line in dry.stdout.splitlines()[1:5]]
+    assert steps == ["modprobe nf_conntrack", "modprobe nf_conntrack_ipv4", "modprobe nf_nat", "modprobe nf_nat_ipv4"]
+    assert ctw("restore", "--root", str(host.root), "--config", str(cfg)).returncode == 0
+    assert host.modprobe_calls()[:4] == ["nf_conntrack", "nf_conntrack_ipv4", "nf_nat", "nf_nat_ipv4"]
+    assert host.is_live("nf_nat_ipv4")
+    # The same tree on a new kernel: the legacy modules are neither planned nor looked at.
+    new = FakeHost(tmp_path / "n", release="5.10.0-1-amd64", modules=modules)
+    plan = ctw("restore", "--dry-run", "--root", str(new.root), "--config", str(new.config())).stdout
+    assert "ipv4" not in plan

@@ -300,3 +300,14 @@ def test_snapshot_is_not_written_while_conntrack_is_absent() -> None:
     assert not d.plan  # nf_nat needs the blocked conntrack; the tuning waits for conntrack to be live
     d2 = decide(CFG, d.state, obs(tuning=DEFAULTS), 2.0)  # the block lifted, loaded by someone else
     assert dict(d2.plan.steps[0].sysctls) == TUNED
+
+
+@pytest.mark.parametrize(("release", "expected"), [
+    ("4.14.0", ("nf_conntrack", "nf_nat", "br_netfilter", "nf_conntrack_ipv4", "nf_nat_ipv4")),
+    ("4.19.0", ("nf_conntrack", "nf_nat", "br_netfilter", "nf_nat_ipv4")),
+    ("6.1.0-28-amd64", ("nf_conntrack", "nf_nat", "br_netfilter")),
+])
+def test_legacy_modules_are_only_looked_at_on_old_kernels(release: str, expected: tuple[str, ...]) -> None:
+    """A 6.1 kernel is never asked about nf_conntrack_ipv4; a 4.14 one is, for both legacy names."""
+    assert core.observed_modules(CFG.modules, release) == expected
+    assert core.observed_modules(("br_netfilter",), "4.14.0") == ("br_netfilter",)

@@ -129,7 +129,7 @@ def test_observe_reads_sysctls_count_and_writable_tuning_only(loaded: FakeHost) 
     assert o.tuning["net.netfilter.nf_conntrack_max"] == "1048576"
     assert "net.netfilter.nf_conntrack_count" not in o.tuning
     assert "net.netfilter.nf_conntrack_readonly_thing" not in o.tuning
-    assert {"nf_conntrack_ipv4", "nf_nat_ipv4"} <= set(o.modules)
+    assert set(o.modules) == {"nf_conntrack", "nf_nat", "br_netfilter"}  # exactly what was asked
 
 
 def test_unreadable_conntrack_count_is_none(host: FakeHost) -> None:
