@@ -117,6 +117,7 @@ class CoreState:
     restarts: tuple[float, ...] = ()  # when docker/hooks last ran, for the breaker window
     transient_since: Mapping[str, float] = field(default_factory=dict)
     restores: int = 0
+    restarts_owed: bool = False  # modules were reloaded but docker/hooks have not run successfully since
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ class Decision:
 def core_state(saved: SavedState) -> CoreState:
     """The decision state a restarted daemon (or `ctwatchd restore`) resumes from."""
     return CoreState(tuning=saved.tuning, conntrack_reloaded=saved.conntrack_reloaded, restarts=saved.restarts,
-                     conntrack_instance=saved.conntrack_instance)
+                     conntrack_instance=saved.conntrack_instance, restarts_owed=saved.restarts_owed)
 
 
 def breaker_open(cfg: Config, state: CoreState, now: float) -> bool:
@@ -229,7 +230,9 @@ def decide(cfg: Config, state: CoreState, obs: Observation, now: float) -> Decis
         steps.append(Step(StepKind.WRITE_SYSCTLS, sysctls=writes))
 
     skipped = False
-    if to_load and (cfg.docker is DockerMode.IF_ACTIVE or cfg.hooks):
+    # Docker and hooks follow a module load, and are owed until they have run after one: a failed hook,
+    # or one the breaker held back, runs once the backoff or the breaker window lets it.
+    if (to_load or state.restarts_owed) and (cfg.docker is DockerMode.IF_ACTIVE or cfg.hooks):
         if breaker_open(cfg, state, now):
             skipped = True
         else:
@@ -241,6 +244,8 @@ def decide(cfg: Config, state: CoreState, obs: Observation, now: float) -> Decis
         reason = "not loaded: " + ", ".join(to_load)
     elif writes:
         reason = "sysctl drift: " + ", ".join(k for k, _ in writes)
+    elif steps:
+        reason = "docker/hooks still owed after an earlier restore"
     else:
         reason = "healthy" if health.healthy else "nothing ctwatchd can do: " + "; ".join(health.problems)
     return Decision(state, RestorePlan(tuple(steps), reason, skipped), None, health)
@@ -281,8 +286,23 @@ def record(cfg: Config, state: CoreState, result: RestoreResult, now: float) -> 
            for r in result.results):
         restarts = (*restarts, now)
     restores = state.restores + (1 if result.plan.modules else 0)
+    owed = _restarts_owed(state, result)
     if result.ok:
-        return replace(state, failures=0, retry_at=None, restarts=restarts, restores=restores)
+        return replace(state, failures=0, retry_at=None, restarts=restarts, restores=restores, restarts_owed=owed)
     failures = state.failures + 1
     delay = min(cfg.backoff_initial * 2 ** (failures - 1), cfg.backoff_max)
-    return replace(state, failures=failures, retry_at=now + delay, restarts=restarts, restores=restores)
+    return replace(state, failures=failures, retry_at=now + delay, restarts=restarts, restores=restores,
+                   restarts_owed=owed)
+
+
+def _restarts_owed(state: CoreState, result: RestoreResult) -> bool:
+    """Are docker/hooks still to run after this restore?"""
+    kinds = (StepKind.RESTART_DOCKER, StepKind.RUN_HOOK)
+    restart_steps = [r for r in result.results if r.step.kind in kinds]
+    loaded = any(r.step.kind is StepKind.LOAD_MODULE and r.outcome is Outcome.OK for r in result.results)
+    if restart_steps:
+        # All ran (SKIPPED here is docker found inactive) and nothing failed: paid; anything else: owed.
+        return not (result.failed is None and all(r.outcome in (Outcome.OK, Outcome.SKIPPED) for r in restart_steps))
+    if loaded and result.plan.skipped_restarts:
+        return True  # the breaker held them back
+    return state.restarts_owed

@@ -346,7 +346,7 @@ class Daemon:
     def _save_state(self) -> None:
         s = self.state
         saved = statefile.SavedState(dict(s.tuning), s.conntrack_reloaded, s.restarts, self.last_status,
-                                     s.conntrack_instance)
+                                     s.conntrack_instance, s.restarts_owed)
         if saved == self._saved:
             return
         self._saved = saved

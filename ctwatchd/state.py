@@ -31,6 +31,7 @@ class SavedState:
     restarts: tuple[float, ...] = ()  # CLOCK_MONOTONIC times of docker/hook runs (system-wide clock)
     status: str = ""  # the daemon's last STATUS= line, for `ctwatchd check`
     conntrack_instance: int | None = None  # so a reload while the daemon was down is noticed
+    restarts_owed: bool = False  # docker/hooks still to run after the last reload
 
 
 def load(path: Path) -> SavedState | None:
@@ -61,6 +62,7 @@ def load(path: Path) -> SavedState | None:
     restarts = data.get("restarts", [])
     status = data.get("status", "")
     instance = data.get("conntrack_instance")
+    owed = data.get("restarts_owed", False)
     if not isinstance(tuning, dict) or not isinstance(reloaded, bool):
         raise StateError("missing or mistyped 'tuning' / 'conntrack_reloaded'")
     if (not isinstance(restarts, list) or len(restarts) > 1000
@@ -70,11 +72,13 @@ def load(path: Path) -> SavedState | None:
         raise StateError("'status' is not a short string")
     if instance is not None and (not isinstance(instance, int) or isinstance(instance, bool)):
         raise StateError("'conntrack_instance' is not an integer")
+    if not isinstance(owed, bool):
+        raise StateError("'restarts_owed' is not true or false")
     for key, value in tuning.items():
         if not (isinstance(key, str) and TUNING_KEY.match(key) and isinstance(value, str)
                 and TUNING_VALUE.match(value)):
             raise StateError(f"unexpected tuning entry {key!r}")
-    return SavedState(dict(tuning), reloaded, tuple(float(t) for t in restarts), status, instance)
+    return SavedState(dict(tuning), reloaded, tuple(float(t) for t in restarts), status, instance, owed)
 
 
 def save(path: Path, state: SavedState) -> None:
@@ -82,7 +86,8 @@ def save(path: Path, state: SavedState) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     data = json.dumps({"version": VERSION, "tuning": state.tuning, "conntrack_reloaded": state.conntrack_reloaded,
                        "restarts": list(state.restarts), "status": state.status,
-                       "conntrack_instance": state.conntrack_instance}, sort_keys=True).encode()
+                       "conntrack_instance": state.conntrack_instance, "restarts_owed": state.restarts_owed},
+                      sort_keys=True).encode()
     fd, tmp = tempfile.mkstemp(prefix=".state-", dir=path.parent)
     try:
         os.fchmod(fd, 0o600)

@@ -311,3 +311,31 @@ def test_legacy_modules_are_only_looked_at_on_old_kernels(release: str, expected
     """A 6.1 kernel is never asked about nf_conntrack_ipv4; a 4.14 one is, for both legacy names."""
     assert core.observed_modules(CFG.modules, release) == expected
     assert core.observed_modules(("br_netfilter",), "4.14.0") == ("br_netfilter",)
+
+
+def test_failed_hook_is_retried_after_backoff_even_though_modules_are_back() -> None:
+    """A hook that failed after a successful reload is owed: it runs again (alone) after the backoff."""
+    cfg = replace(CFG, hooks=(("/usr/bin/systemctl", "try-restart", "kube-proxy.service"),))
+    d = decide(cfg, CoreState(), obs(br_netfilter=A), 0.0)
+    results = tuple(StepResult(st, Outcome.FAILED if st.kind is StepKind.RUN_HOOK else Outcome.OK, 1.0, "x")
+                    for st in d.plan.steps)
+    s = record(cfg, d.state, RestoreResult(d.plan, results, 1.0), 0.0)
+    assert s.restarts_owed and s.retry_at == 1.0
+    assert not decide(cfg, s, obs(), 0.5).plan  # backing off
+    retry = decide(cfg, s, obs(), 1.0)
+    assert kinds(retry.plan) == ["run-hook"] and "owed" in retry.plan.reason
+    s2 = record(cfg, retry.state, result_of(retry.plan), 1.0)
+    assert not s2.restarts_owed and not decide(cfg, s2, obs(), 2.0).plan
+
+
+def test_restarts_held_back_by_the_breaker_run_once_it_closes() -> None:
+    """After flapping stops, the breaker closes and docker/hooks run once for the last reload."""
+    cfg = replace(CFG, docker=DockerMode.IF_ACTIVE, max_restarts=1, restart_window=100.0)
+    s = CoreState()
+    for t in (0.0, 10.0):
+        d = decide(cfg, s, obs(br_netfilter=A), t)
+        s = record(cfg, d.state, result_of(d.plan), t)
+    assert s.restarts_owed  # the second reload's docker restart was held back
+    assert not decide(cfg, s, obs(), 50.0).plan  # breaker still open: nothing but waiting
+    later = decide(cfg, s, obs(), 100.5)
+    assert kinds(later.plan) == ["restart-docker"]

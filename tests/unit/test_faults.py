@@ -554,8 +554,9 @@ def test_systemctl_missing(loaded: FakeHost, tmp_path: Path) -> None:
 # == hooks ========================================================================================
 
 def test_hook_failing_opens_the_breaker(h: Harness, tmp_path: Path) -> None:
-    """A hook that always fails: each restore fails on it (modules and sysctls are back all the same), is
-    not re-run in a loop, counts for the breaker; once the breaker is open a restore completes without it."""
+    """A hook that always fails: the restore fails on it (modules and sysctls are back all the same), it is
+    retried after the backoff but never beyond the breaker; once the breaker is open restores complete
+    without it."""
     runs = tmp_path / "runs"
     hook = executable(tmp_path / "hook", f"#!/bin/sh\necho x >> {runs}\necho 'kube-proxy: unit not found'\nexit 3\n")
     cfg = cfg_for(h.host, hooks=((str(hook),),), max_restarts=2, restart_window=600, backoff_initial=0.05,
@@ -583,7 +584,10 @@ def test_hook_failing_opens_the_breaker(h: Harness, tmp_path: Path) -> None:
     assert [e["result"] for e in hook_steps] == ["failed", "failed"]
     assert "exited with status 3: kube-proxy: unit not found" in hook_steps[0]["detail"]
     assert len(events(logs, "breaker.open")) == 1
-    assert [e["result"] for e in events(logs, "restore.finished")] == ["failed", "failed", "ok"]
+    finished = [e["result"] for e in events(logs, "restore.finished")]
+    # The failed hook is owed and retried once after the backoff (the second "failed"); then the breaker
+    # holds it back and the next reloads complete without it.
+    assert finished[:2] == ["failed", "failed"] and set(finished[2:]) == {"ok"}, finished
     assert events(logs, "restore.planned")[-1]["restarts_skipped"] is True
     assert core.breaker_open(cfg, d.state, time.monotonic()) and len(d.state.restarts) == 2
 

@@ -193,15 +193,16 @@ def check_plan(cfg: Config, obs: Observation, decision: Decision, state_before: 
     assert (StepKind.VERIFY_CONNTRACK in kinds) == ("nf_conntrack" in loads)
     assert kinds.count(StepKind.WRITE_SYSCTLS) <= 1
     restarts = [k for k in kinds if k in (StepKind.RESTART_DOCKER, StepKind.RUN_HOOK)]
+    # Docker/hooks follow a module load, or are still owed by an earlier one; never while the breaker is open.
     if restarts:
-        assert loads and not breaker_open(cfg, decision.state, now)
+        assert (loads or state_before.restarts_owed) and not breaker_open(cfg, decision.state, now)
     if plan.skipped_restarts:
-        assert loads and not restarts and breaker_open(cfg, decision.state, now)
+        assert (loads or state_before.restarts_owed) and not restarts and breaker_open(cfg, decision.state, now)
     # Backoff holds: nothing is planned before retry_at.
     if state_before.retry_at is not None and now < state_before.retry_at:
         assert not plan
-    # Healthy (and no tuned values to put back): nothing to do.
-    if decision.health.healthy and not decision.state.conntrack_reloaded:
+    # Healthy (and no tuned values to put back, no docker/hook run still owed): nothing to do.
+    if decision.health.healthy and not decision.state.conntrack_reloaded and not state_before.restarts_owed:
         assert not plan, (plan, decision.health)
     # Sysctl writes go to desired keys or snapshot keys only, and never to a file that is missing now
     # unless this plan loads the module that creates it (a blocked or unavailable owner never appears).
