@@ -75,7 +75,8 @@ def instance(m: str) -> int | None:
 
 
 def snapshot() -> dict[str, Any]:
-    return {"initstate": {m: initstate(m) for m in MODULES}, "instance": {m: instance(m) for m in MODULES},
+    return {"initstate": {m: initstate(m) for m in MODULES},
+            "instance": {m: instance(m) for m in (*MODULES, "bridge")},
             "sysctls": {k: sysctl(k) for k in (*SYSCTLS, *TUNED)},
             "count": read("/proc/sys/net/netfilter/nf_conntrack_count")}
 

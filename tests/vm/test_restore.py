@@ -52,6 +52,10 @@ def test_each_removal_is_restored_with_sysctls(run: dict[str, Any], index: int) 
     # Each removed module really went: it is back as a new instance (a new /sys/module inode).
     for m in REMOVED[index]:
         assert sc["after"]["instance"][m] != sc["before"]["instance"][m], (m, sc)
+    if REMOVED[index] == ("br_netfilter",):  # the bridge itself stays: only its netfilter hook went
+        assert sc["after"]["instance"]["bridge"] == sc["before"]["instance"]["bridge"] is not None
+    if REMOVED[index] == ("nf_nat",):  # conntrack stays while NAT is reloaded
+        assert sc["after"]["instance"]["nf_conntrack"] == sc["before"]["instance"]["nf_conntrack"]
     assert sc["restored_after_s"] is not None, sc
     after = sc["after"]
     assert after["initstate"] == dict.fromkeys(MODULES, "live")
