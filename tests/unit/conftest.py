@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import structlog
 from fakehost import FakeHost
+from harness import Harness
 
 
 @pytest.fixture
@@ -26,3 +27,12 @@ def loaded(host: FakeHost) -> FakeHost:
 def _reset_structlog() -> Iterator[None]:
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture
+def h(loaded: FakeHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
+    """The in-process daemon harness on a healthy host tree (tests/unit/harness.py)."""
+    harness = Harness(loaded, tmp_path, monkeypatch)
+    yield harness
+    harness.notify.close()
+    harness.monitor.close()

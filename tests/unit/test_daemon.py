@@ -5,157 +5,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import threading
 import time
-from collections.abc import Callable, Iterator, MutableMapping
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fakehost import FakeHost
-from structlog.testing import capture_logs
+from harness import ALL, FakeMonitor, Harness, cfg_for, events
 
 from ctwatchd import config as configmod
 from ctwatchd import state as statefile
-from ctwatchd.audit import get_logger
 from ctwatchd.config import Config
-from ctwatchd.daemon import Daemon
-from ctwatchd.kernel import KernelProbe
-from ctwatchd.uevents import ModuleEvent, MonitorClosed, Overrun
-
-ALL = ("nf_conntrack", "nf_nat", "br_netfilter")
-
-
-class FakeMonitor:
-    """Lines written to a real pipe: 'remove nf_nat', 'OVERRUN' or 'CLOSE'."""
-
-    def __init__(self) -> None:
-        self.r, self.w = os.pipe()
-        os.set_blocking(self.r, False)
-        self.closed = False
-
-    def fileno(self) -> int:
-        return self.r
-
-    def send(self, line: str) -> None:
-        os.write(self.w, line.encode() + b"\n")
-
-    def drain(self) -> list[ModuleEvent]:
-        try:
-            data = os.read(self.r, 65536).decode()
-        except BlockingIOError:
-            return []
-        out = []
-        for line in data.splitlines():
-            if line == "OVERRUN":
-                raise Overrun("ENOBUFS (test)")
-            if line == "CLOSE":
-                raise MonitorClosed("socket closed (test)")
-            action, module = line.split()
-            out.append(ModuleEvent(action, module))
-        return out
-
-    def close(self) -> None:
-        if not self.closed:
-            os.close(self.r)
-            os.close(self.w)
-            self.closed = True
-
-
-class Harness:
-    def __init__(self, host: FakeHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.host = host
-        self.notify_path = str(tmp_path / "notify.sock")
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(self.notify_path)
-        self.notify.settimeout(0.05)
-        monkeypatch.setenv("NOTIFY_SOCKET", self.notify_path)
-        self.messages: list[str] = []
-        self.monitor = FakeMonitor()
-        self.monitors = 0
-
-    def daemon(self, cfg: Config, *, env: dict[str, str] | None = None,
-               reload_config: Callable[[], Config] | None = None, monitor: bool = True) -> Daemon:
-        def factory() -> FakeMonitor:
-            self.monitors += 1
-            if self.monitors > 1:
-                self.monitor = FakeMonitor()
-            return self.monitor
-
-        return Daemon(cfg, probe=KernelProbe(self.host.root), log=get_logger(),
-                      reload_config=reload_config or (lambda: cfg), monitor_factory=factory if monitor else None,
-                      env=env or {})
-
-    def read_notify(self) -> list[str]:
-        while True:
-            try:
-                self.messages.append(self.notify.recv(4096).decode())
-            except (TimeoutError, BlockingIOError):
-                return self.messages
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(0.02)
-        raise AssertionError("condition not reached in time")
-
-    def wait_notify(self, text: str, after: int = 0, timeout: float = 10.0) -> int:
-        """Index of the first datagram at or after `after` containing text."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            msgs = self.read_notify()
-            for i in range(after, len(msgs)):
-                if text in msgs[i]:
-                    return i
-        raise AssertionError(f"no notify message with {text!r}: {self.messages}")
-
-    def run(self, daemon: Daemon, driver: Callable[[], None],
-            limit: float = 30.0) -> tuple[int, list[MutableMapping[str, Any]]]:
-        """Run the daemon in this (main) thread while `driver` acts from another, then SIGTERM."""
-        errors: list[BaseException] = []
-
-        def drive() -> None:
-            try:
-                driver()
-            except BaseException as exc:
-                errors.append(exc)
-            finally:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-        guard = threading.Timer(limit, lambda: os.kill(os.getpid(), signal.SIGTERM))
-        t = threading.Thread(target=drive, daemon=True)
-        with capture_logs() as logs:
-            guard.start()
-            t.start()
-            try:
-                code = daemon.run()
-            finally:
-                guard.cancel()
-                t.join(5)
-        if errors:
-            raise errors[0]
-        return code, logs
-
-
-@pytest.fixture
-def h(loaded: FakeHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
-    harness = Harness(loaded, tmp_path, monkeypatch)
-    yield harness
-    harness.notify.close()
-    harness.monitor.close()
-
-
-def cfg_for(host: FakeHost, **kw: Any) -> Config:
-    base = Config(modprobe=str(host.modprobe), poll_interval=60.0, state_file=host.root / "run/state.json")
-    return replace(base, **kw)
-
-
-def events(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
-    return [e for e in logs if e["event"] == name]
 
 
 def test_start_loads_missing_modules_before_ready(host: FakeHost, tmp_path: Path,

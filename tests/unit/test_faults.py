@@ -29,8 +29,8 @@ from typing import Any
 
 import pytest
 from fakehost import MODULES, FakeHost, executable
+from harness import ALL, FakeMonitor, Harness, Logs, cfg_for, events, run_daemon
 from structlog.testing import capture_logs
-from test_daemon import ALL, FakeMonitor, Harness, cfg_for, events
 
 from ctwatchd import audit, core
 from ctwatchd import config as configmod
@@ -45,7 +45,6 @@ from ctwatchd.model import Outcome, RestorePlan, RestoreResult, Step, StepKind
 from ctwatchd.runner import OUTPUT_LIMIT, TERM_GRACE, Completed, Runner
 from ctwatchd.uevents import ModuleEvent
 
-Logs = list[MutableMapping[str, Any]]
 BRIDGE_KEY = "net.bridge.bridge-nf-call-iptables"
 
 
@@ -128,58 +127,6 @@ class StormMonitor(FakeMonitor):
         out = [ModuleEvent(*line.decode().split()) for line in lines]
         self.drained += len(out)
         return out
-
-
-def run_daemon(daemon: Daemon, driver: Callable[[], None], *, limit: float = 30.0, capture: bool = True,
-               stop: bool = True) -> tuple[int, Logs, float]:
-    """Run the daemon in this thread while `driver` acts from another; SIGTERM after it unless stop=False.
-
-    Returns the exit code, the audit records and the seconds from the driver's end to the daemon's exit.
-    A stray stop signal arriving after the daemon has returned hits a no-op handler, not pytest.
-    """
-    errors: list[BaseException] = []
-    driver_done: list[float] = []
-
-    def drive() -> None:
-        try:
-            driver()
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            driver_done.append(time.monotonic())
-            if stop or errors:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    guard = threading.Timer(limit, lambda: os.kill(os.getpid(), signal.SIGTERM))
-    thread = threading.Thread(target=drive, daemon=True)
-    logs: Logs = []
-    try:
-        recorder: contextlib.AbstractContextManager[Logs] = capture_logs() if capture else contextlib.nullcontext([])
-        with recorder as captured:
-            guard.start()
-            thread.start()
-            try:
-                code = daemon.run()
-            finally:
-                guard.cancel()
-                thread.join(10)
-            logs = list(captured)
-        ended = time.monotonic()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if errors:
-        raise errors[0]
-    return code, logs, ended - (driver_done[0] if driver_done else ended)
-
-
-@pytest.fixture
-def h(loaded: FakeHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
-    harness = Harness(loaded, tmp_path, monkeypatch)
-    yield harness
-    harness.notify.close()
-    harness.monitor.close()
 
 
 # == modprobe ===================================================================================
