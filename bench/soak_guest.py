@@ -21,9 +21,12 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "vm"))
+
+from guestlib import read, wait_for
 
 MODULES = ("nf_conntrack", "nf_nat", "br_netfilter")
 SYSCTLS = {"net.bridge.bridge-nf-call-iptables": "1", "net.bridge.bridge-nf-call-ip6tables": "1"}
@@ -31,11 +34,6 @@ MISS_AFTER = 60.0
 SETTLE = 0.3  # after a restore, let the daemon's verification pass finish before the next removal
 
 
-def read(path: str) -> str | None:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return None
 
 
 def all_live() -> bool:
@@ -47,13 +45,6 @@ def restored() -> bool:
             and all(read("/proc/sys/" + k.replace(".", "/")) == v for k, v in SYSCTLS.items()))
 
 
-def wait_for(pred: Callable[[], bool], timeout: float, step: float = 0.005) -> float | None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return time.monotonic() - t0
-        time.sleep(step)
-    return None
 
 
 def usage(pid: int) -> dict[str, int]:

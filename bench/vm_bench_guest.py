@@ -12,8 +12,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "vm"))
+
+from guestlib import cpu_seconds, read, wait_for
 
 RESULTS = Path(sys.argv[1])
 REPEATS = int(sys.argv[2])
@@ -23,12 +28,6 @@ CASES = {"br_netfilter": ["br_netfilter"], "nf_nat": ["nf_nat"], "all three": ["
                                                                                "nf_conntrack"]}
 
 
-def read(path: str) -> str | None:
-    try:
-        with open(path) as fh:
-            return fh.read().strip()
-    except OSError:
-        return None
 
 
 def restored() -> bool:
@@ -36,13 +35,8 @@ def restored() -> bool:
             and all(read("/proc/sys/" + k.replace(".", "/")) == v for k, v in BRIDGE.items()))
 
 
-def wait(pred: Any, timeout: float = 60.0) -> bool:  # noqa: ANN401
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.001)
-    return False
+def wait(pred: Callable[[], bool], timeout: float = 60.0) -> bool:
+    return wait_for(pred, timeout, 0.001) is not None
 
 
 def bare_chain(case: list[str]) -> None:
@@ -78,9 +72,6 @@ def storm(seconds: float) -> int:
     return n
 
 
-def cpu(pid: int) -> float:
-    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:
@@ -105,14 +96,14 @@ def main() -> int:
                 out["rmmod_return"][name] = [r[1] for r in runs]
             # A storm of unrelated uevents with one module removal in the middle of it.
             time.sleep(1)
-            c0 = cpu(daemon.pid)
+            c0 = cpu_seconds(daemon.pid)
             made: list[int] = []
             t = threading.Thread(target=lambda: made.append(storm(6.0)))
             t.start()
             time.sleep(3.0)
             subprocess.run(["rmmod", "br_netfilter"], check=True)
             t.join()
-            out["storm"] = {"events": made[0], "seconds": 6.0, "ctwatchd_cpu_s": round(cpu(daemon.pid) - c0, 3),
+            out["storm"] = {"events": made[0], "seconds": 6.0, "ctwatchd_cpu_s": round(cpu_seconds(daemon.pid) - c0, 3),
                             "restored_after_storm": wait(restored, 60)}
         finally:
             daemon.send_signal(signal.SIGTERM)

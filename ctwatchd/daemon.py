@@ -258,10 +258,15 @@ class Daemon:
         self.hint = None
         now = self.clock()
         self.next_poll = now + self.cfg.poll_interval
-        if self.probe.fingerprint(self.facts.release, self.facts.conf_files) != self.facts.fingerprint:
-            self.facts = self.probe.facts()
         obs = self.observe()
         decision = core.decide(self.cfg, self.state, obs, now)
+        # modules.dep and modprobe.d only matter when something is missing, so a healthy poll does not
+        # even stat them; otherwise a changed file (a lifted blocker, a depmod) is read before acting.
+        if ((decision.plan or not decision.health.healthy)
+                and self.probe.fingerprint(self.facts.release, self.facts.conf_files) != self.facts.fingerprint):
+            self.facts = self.probe.facts()
+            obs = self.observe()
+            decision = core.decide(self.cfg, self.state, obs, now)
         self.state = decision.state
         self.wake_at = decision.wake_at
         self._report(obs, decision.health)

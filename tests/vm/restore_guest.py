@@ -12,9 +12,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from guestlib import initstate, instance, read, sysctl, wait_for
 
 RESULTS = Path(sys.argv[1])
 MODULES = ("nf_conntrack", "nf_nat", "br_netfilter")
@@ -29,19 +30,10 @@ TUNED = {"net.netfilter.nf_conntrack_max": "131072",
 WAIT = 90.0
 
 
-def read(path: str) -> str | None:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return None
 
 
-def sysctl(key: str) -> str | None:
-    return read("/proc/sys/" + key.replace(".", "/"))
 
 
-def initstate(m: str) -> str | None:
-    return read(f"/sys/module/{m}/initstate")
 
 
 def sh(*argv: str) -> dict[str, Any]:
@@ -58,20 +50,8 @@ def restored() -> bool:
             and all(sysctl(k) == v for k, v in EXPECT.items()))
 
 
-def wait_for(pred: Callable[[], bool], timeout: float = WAIT) -> float | None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return round(time.monotonic() - t0, 3)
-        time.sleep(0.01)
-    return None
 
 
-def instance(m: str) -> int | None:
-    try:
-        return os.stat(f"/sys/module/{m}").st_ino  # a reload makes a new /sys/module/<m>
-    except OSError:
-        return None
 
 
 def snapshot() -> dict[str, Any]:
@@ -118,7 +98,7 @@ def main() -> int:
             t0 = time.monotonic()
             results = [sh(*c) for c in commands]
             gone_after = {m: initstate(m) for m in MODULES}
-            took = wait_for(restored)
+            took = wait_for(restored, WAIT)
             out["scenarios"].append({
                 "name": name, "commands": results, "state_right_after_removal": gone_after, "before": before,
                 "restored_after_s": took, "removal_to_restored_s": round(time.monotonic() - t0, 3),

@@ -13,10 +13,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from guestlib import initstate, read, sysctl, wait_for
 
 RESULTS = Path(sys.argv[1])
 # Hooks run as root, so ctwatchd refuses them below group/world-writable directories such as /tmp:
@@ -28,19 +30,10 @@ VIP, PORT = "10.233.9.9", 80  # the "published port": DNAT'ed to the server in i
 SERVER, CLIENT, GATEWAY = "10.233.0.2", "10.233.0.3", "10.233.0.1"
 
 
-def read(path: str) -> str | None:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return None
 
 
-def initstate(m: str) -> str | None:
-    return read(f"/sys/module/{m}/initstate")
 
 
-def sysctl(key: str) -> str | None:
-    return read("/proc/sys/" + key.replace(".", "/"))
 
 
 def sh(*argv: str, timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess[str]:
@@ -50,13 +43,6 @@ def sh(*argv: str, timeout: float = 60, check: bool = False) -> subprocess.Compl
     return p
 
 
-def wait_for(pred: Callable[[], bool], timeout: float = 90.0, step: float = 0.02) -> float | None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return round(time.monotonic() - t0, 3)
-        time.sleep(step)
-    return None
 
 
 def healthy() -> bool:

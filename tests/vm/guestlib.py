@@ -1,0 +1,46 @@
+"""Helpers for the scripts that run inside the guest (stdlib only): reading /sys and /proc, waiting."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+
+def read(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
+
+
+def initstate(module: str) -> str | None:
+    return read(f"/sys/module/{module}/initstate")
+
+
+def sysctl(key: str) -> str | None:
+    return read("/proc/sys/" + key.replace(".", "/"))
+
+
+def instance(module: str) -> int | None:
+    """The inode of /sys/module/<module>: a reload makes a new one."""
+    try:
+        return os.stat(f"/sys/module/{module}").st_ino
+    except OSError:
+        return None
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, step: float = 0.005) -> float | None:
+    """Seconds until pred() held, or None if it did not within timeout."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if pred():
+            return round(time.monotonic() - t0, 3)
+        time.sleep(step)
+    return None
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
