@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "vm"))
 
-from guestlib import read, wait_for
+from guestlib import read, stop_daemon, wait_for
 
 MODULES = ("nf_conntrack", "nf_nat", "br_netfilter")
 SYSCTLS = {"net.bridge.bridge-nf-call-iptables": "1", "net.bridge.bridge-nf-call-ip6tables": "1"}
@@ -135,13 +134,7 @@ def main() -> int:
             cycles(daemon, args.seconds, out)
             out["usage_end"] = usage(daemon.pid) if daemon.poll() is None else None
     finally:
-        if daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-        try:
-            out["daemon_exit"] = daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            out["daemon_exit"] = "killed"
+        out["daemon_exit"] = stop_daemon(daemon)
         log.close()
         finish(out, log_path)
         (results / "soak.json").write_text(json.dumps(out, indent=2))

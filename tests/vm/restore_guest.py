@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from guestlib import initstate, instance, read, sysctl, wait_for
+from guestlib import initstate, instance, json_log, read, stop_daemon, sysctl, wait_for
 
 RESULTS = Path(sys.argv[1])
 MODULES = ("nf_conntrack", "nf_nat", "br_netfilter")
@@ -106,15 +105,9 @@ def main() -> int:
             })
             time.sleep(1.0)  # let the daemon's verification pass settle before the next removal
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            out["daemon_exit"] = daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            out["daemon_exit"] = "killed"
+        out["daemon_exit"] = stop_daemon(daemon)
         log.close()
-    out["log"] = [json.loads(line) for line in (RESULTS / "daemon.log").read_text().splitlines()
-                  if line.startswith("{")]
+    out["log"] = json_log(RESULTS / "daemon.log")
     (RESULTS / "restore.json").write_text(json.dumps(out, indent=2))
     return 0
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from guestlib import initstate, read, sysctl, wait_for
+from guestlib import initstate, json_log, read, stop_daemon, sysctl, wait_for
 
 RESULTS = Path(sys.argv[1])
 # Hooks run as root, so ctwatchd refuses them below group/world-writable directories such as /tmp:
@@ -88,13 +87,8 @@ def daemon(phase: str, extra: str) -> Iterator[dict[str, Any]]:
             yield out
         finally:
             out["alive_at_end"] = proc.poll() is None
-            proc.send_signal(signal.SIGTERM)
-            try:
-                out["exit"] = proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out["exit"] = "killed"
-    out["log"] = [json.loads(line) for line in logpath.read_text().splitlines() if line.startswith("{")]
+            out["exit"] = stop_daemon(proc)
+    out["log"] = json_log(logpath)
     (RESULTS / f"{phase}.json").write_text(json.dumps(out, indent=2))
 
 
