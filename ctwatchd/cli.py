@@ -12,7 +12,7 @@ from pathlib import Path
 from ctwatchd import __version__, core
 from ctwatchd import config as configmod
 from ctwatchd import state as statefile
-from ctwatchd.config import Config, ConfigError
+from ctwatchd.config import ConfigError
 from ctwatchd.kernel import KernelProbe
 from ctwatchd.model import Outcome
 
@@ -48,10 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(path: Path | None) -> Config:
-    return configmod.load(path)
-
-
 def _hide_unused_extras() -> None:
     """structlog imports rich / better_exceptions when installed, for pretty tracebacks ctwatchd never
     renders; in a long-running daemon that is ~5 MB of RSS and ~15 ms of start-up for nothing."""
@@ -67,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ctwatchd.notify import Notifier
 
     try:
-        cfg = _load(args.config)
+        cfg = configmod.load(args.config)
     except ConfigError as exc:
         print(f"ctwatchd: {exc}", file=sys.stderr)
         # The status line is what `systemctl status` shows for the failed start.
@@ -81,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         monitor_factory = KernelMonitor
     try:
         daemon = Daemon(cfg, probe=KernelProbe(args.root), log=audit.get_logger(),
-                        reload_config=lambda: _load(args.config), monitor_factory=monitor_factory)
+                        reload_config=lambda: configmod.load(args.config), monitor_factory=monitor_factory)
     except MetricsUnavailable as exc:
         print(f"ctwatchd: {cfg.path or 'configuration'}: {exc}", file=sys.stderr)
         Notifier().send(f"STATUS=configuration error: {exc}")
@@ -93,7 +89,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from ctwatchd.check import UNKNOWN, format_json, format_table, run_check
 
     try:
-        cfg = _load(args.config)
+        cfg = configmod.load(args.config)
     except ConfigError as exc:
         print(f"ctwatchd: {exc}", file=sys.stderr)
         return UNKNOWN
@@ -112,7 +108,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from ctwatchd.runner import Runner
 
     try:
-        cfg = _load(args.config)
+        cfg = configmod.load(args.config)
     except ConfigError as exc:
         print(f"ctwatchd: {exc}", file=sys.stderr)
         return EXIT_CONFIG

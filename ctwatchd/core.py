@@ -116,7 +116,6 @@ class CoreState:
     retry_at: float | None = None  # backoff: no new restore before this monotonic time
     restarts: tuple[float, ...] = ()  # when docker/hooks last ran, for the breaker window
     transient_since: Mapping[str, float] = field(default_factory=dict)
-    restores: int = 0
     restarts_owed: bool = False  # modules were reloaded but docker/hooks have not run successfully since
 
 
@@ -285,14 +284,12 @@ def record(cfg: Config, state: CoreState, result: RestoreResult, now: float) -> 
     if any(r.step.kind in (StepKind.RESTART_DOCKER, StepKind.RUN_HOOK) and r.outcome is not Outcome.SKIPPED
            for r in result.results):
         restarts = (*restarts, now)
-    restores = state.restores + (1 if result.plan.modules else 0)
     owed = _restarts_owed(state, result)
     if result.ok:
-        return replace(state, failures=0, retry_at=None, restarts=restarts, restores=restores, restarts_owed=owed)
+        return replace(state, failures=0, retry_at=None, restarts=restarts, restarts_owed=owed)
     failures = state.failures + 1
     delay = min(cfg.backoff_initial * 2 ** (failures - 1), cfg.backoff_max)
-    return replace(state, failures=failures, retry_at=now + delay, restarts=restarts, restores=restores,
-                   restarts_owed=owed)
+    return replace(state, failures=failures, retry_at=now + delay, restarts=restarts, restarts_owed=owed)
 
 
 def _restarts_owed(state: CoreState, result: RestoreResult) -> bool:

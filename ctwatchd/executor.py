@@ -32,9 +32,9 @@ LIVE_WAIT = 2.0  # modprobe returns after init; allow a little for initstate to 
 DOCKER_UNIT = "docker.service"
 
 
-def first_existing(candidates: tuple[str, ...], root: Path = Path("/")) -> str:
+def first_existing(candidates: tuple[str, ...]) -> str:
     for c in candidates:
-        if os.path.exists(root / c.lstrip("/")):
+        if os.path.exists(c):
             return c
     return candidates[0]
 

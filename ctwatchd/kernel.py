@@ -65,8 +65,7 @@ class KernelFacts:
     module_support: bool  # /proc/modules exists
     modules_dir: bool  # /lib/modules/<release> exists
     builtin: frozenset[str] = frozenset()
-    on_disk: frozenset[str] = frozenset()
-    deps: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    deps: dict[str, tuple[str, ...]] = field(default_factory=dict)  # modules.dep: every module on disk
     kconfig: dict[str, str] = field(default_factory=dict)  # CONFIG_X -> "y" | "m" for the symbols we know
     blockers: dict[str, Blocker] = field(default_factory=dict)
     conf_files: tuple[Path, ...] = ()  # the modprobe.d files read
@@ -113,7 +112,6 @@ class KernelProbe:
             module_support=(self.root / "proc/modules").exists(),
             modules_dir=moddir.is_dir(),
             builtin=builtin,
-            on_disk=frozenset(deps),
             deps=deps,
             kconfig=self._kconfig(release),
             blockers=dict(self._blockers(conf_files)),
@@ -189,9 +187,9 @@ class KernelProbe:
                                 "the kernel has no module support and shows no sign of it", _s(blocker))
         if blocker is not None:
             return ModuleStatus(name, ModuleState.BLOCKED, str(blocker), str(blocker))
-        if name in facts.on_disk:
+        if name in facts.deps:
             return ModuleStatus(name, ModuleState.ABSENT, "not loaded")
-        if not facts.on_disk and facts.modules_dir:
+        if not facts.deps and facts.modules_dir:
             # No modules.dep to consult (depmod never ran): let modprobe be the judge.
             return ModuleStatus(name, ModuleState.ABSENT, "not loaded (no modules.dep to check the disk)")
         return ModuleStatus(name, ModuleState.UNAVAILABLE, f"not in /lib/modules/{facts.release}/modules.dep")

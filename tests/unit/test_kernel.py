@@ -113,7 +113,7 @@ def test_modules_dep_parsing_gives_names_and_deps(host: FakeHost) -> None:
     """Compressed module paths become names; deps are names too."""
     facts = KernelProbe(host.root).facts()
     assert facts.deps["nf_nat"][0] == "nf_conntrack"
-    assert "br_netfilter" in facts.on_disk
+    assert "br_netfilter" in facts.deps
     assert facts.deps["br_netfilter"] == ("bridge", "stp")
 
 
