@@ -70,6 +70,7 @@ class Daemon:
         self.last_states: dict[str, ModuleState] = {}
         self.last_breaker = False
         self.observation: Observation | None = None
+        self.watched: tuple[str, ...] = cfg.modules  # desired + legacy, as of the last observation
         self.reconciles = 0
         self._wakeup_r: socket.socket | None = None
         self._wakeup_w: socket.socket | None = None
@@ -233,19 +234,13 @@ class Daemon:
             self.monitor_retry_at = self.clock() + MONITOR_RETRY
             self.hint = "monitor-failed"
             return
-        watched = self._watched()
         for ev in events:
-            if ev.module in watched:
+            if ev.module in self.watched:
                 self._on_module_event(ev)
 
     def _on_module_event(self, ev: ModuleEvent) -> None:
         self.log.info("module.event", action=ev.action, module=ev.module, monotonic=round(self.clock(), 6))
         self.hint = f"uevent {ev.action} {ev.module}"
-
-    def _watched(self) -> set[str]:
-        if self.observation is None:
-            return set(self.cfg.modules)
-        return set(core.effective_modules(self.cfg.modules, self.observation))
 
     # -- reconcile ----------------------------------------------------------------------------
     def observe(self) -> Observation:
@@ -295,12 +290,13 @@ class Daemon:
 
     def _report(self, obs: Observation, health: core.Health) -> None:
         self.observation = obs
+        self.watched = core.effective_modules(self.cfg.modules, obs)
         for name, st in obs.modules.items():
             prev = self.last_states.get(name)
             if prev is st.state:
                 continue
             self.last_states[name] = st.state
-            if name not in self._watched():
+            if name not in self.watched:
                 continue
             if st.state is ModuleState.BLOCKED:
                 self.log.warning("module.blocked", module=name, blocker=st.blocker, state=st.state.value)
@@ -314,7 +310,7 @@ class Daemon:
                 self.log.warning("breaker.open", restarts=self.cfg.max_restarts, window=self.cfg.restart_window)
             else:
                 self.log.info("breaker.closed")
-        status = health.summary(obs, core.effective_modules(self.cfg.modules, obs))
+        status = health.summary(obs, self.watched)
         if status != self.last_status:
             self.last_status = status
             (self.log.info if health.healthy else self.log.warning)(
@@ -324,8 +320,7 @@ class Daemon:
     def _write_metrics(self, obs: Observation, health: core.Health) -> None:
         if self.metrics is None:
             return
-        self.metrics.observe(obs, core.effective_modules(self.cfg.modules, obs), health.healthy,
-                             health.breaker_open)
+        self.metrics.observe(obs, self.watched, health.healthy, health.breaker_open)
         try:
             self.metrics.write()
         except OSError as exc:
