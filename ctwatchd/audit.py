@@ -8,22 +8,24 @@ lines. Every event name maps to a MESSAGE_ID, so `journalctl MESSAGE_ID=…` and
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import logging
 import os
+import select
 import socket
+import stat
 import struct
-import sys
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any
 
 import structlog
 
 from ctwatchd.config import LogFormat
-from ctwatchd.model import AuditLog
+from ctwatchd.model import AuditLog, clean
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SYSLOG_IDENTIFIER = "ctwatchd"
@@ -67,6 +69,16 @@ EVENTS: dict[str, EventType] = {
     "state.failed": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b13", "state file {path} not written: {detail}"),
     "notify.failed": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b14", "sd_notify failed: {detail}"),
     "metrics.failed": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b15", "metrics file {path} not written: {detail}"),
+    "module.note": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b16", "module {module}: {note}; ctwatchd loads it"),
+    "tuning.dropped": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b17",
+                                "tuned conntrack values dropped from the snapshot: {keys} (the reloaded "
+                                "module does not have or accept them)"),
+    "restore.unsettled": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b18",
+                                   "restore succeeded {count} times in a row but did not hold ({reason}): "
+                                   "something undoes it; next attempt in {retry_in} s"),
+    "facts.problem": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b19", "kernel tree: {detail}"),
+    "daemon.internal_error": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b1a",
+                                       "internal error at {location}: {detail}; next look in {retry_in} s"),
 }
 
 # Fields journald indexes under their own names; the rest are prefixed CTWATCHD_.
@@ -84,7 +96,7 @@ def render_message(event: str, fields: Mapping[str, Any]) -> str:
     if kind is None:
         return event
     values = _Blank({k: ("" if v is None else v) for k, v in fields.items()})
-    return " ".join(kind.template.format_map(values).split())
+    return clean(" ".join(kind.template.format_map(values).split()), 2000)
 
 
 def add_message(_logger: object, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -129,30 +141,98 @@ def encode_journal(fields: Mapping[str, str]) -> bytes:
     return bytes(buf)
 
 
+LINE_LIMIT = 4096  # PIPE_BUF: a line this long goes into a pipe whole, or not at all, never blocking
+
+
+class SafeStream:
+    """Whole lines to a file descriptor (stderr), never blocking and never raising.
+
+    A stalled reader (a journal that stopped reading its stream, a full pipe) must not stop the
+    loop, its watchdog pings and its restores: a line that cannot be written at once is dropped and
+    counted, and the count is said with the next line that gets through. A reader that is gone
+    (EPIPE) ends the writing for good.
+    """
+
+    def __init__(self, fd: int = 2) -> None:
+        self.fd = fd
+        self.dropped = 0
+        self.closed = False
+        self._sock: socket.socket | None = None
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                # A socket (the journal's stream under systemd) takes MSG_DONTWAIT per call, without
+                # changing the descriptor other processes may share.
+                self._sock = socket.socket(fileno=os.dup(fd))
+
+    def write_line(self, text: str) -> bool:
+        if self.closed:
+            self.dropped += 1
+            return False
+        line = text.replace("\n", " ") + "\n"
+        if self.dropped:
+            line = f"ctwatchd: {self.dropped} log line(s) dropped: stderr was not writable\n" + line
+        data = line.encode("utf-8", "backslashreplace")
+        if len(data) > LINE_LIMIT:
+            data = data[:LINE_LIMIT - 4] + b"...\n"
+        try:
+            if self._sock is not None:
+                sent = self._sock.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            else:
+                poller = select.poll()
+                poller.register(self.fd, select.POLLOUT)
+                if not poller.poll(0):
+                    self.dropped += 1
+                    return False
+                sent = os.write(self.fd, data)
+        except (BlockingIOError, InterruptedError):
+            self.dropped += 1
+            return False
+        except OSError as exc:
+            self.dropped += 1
+            if exc.errno in (errno.EPIPE, errno.EBADF, errno.ECONNRESET):
+                self.closed = True
+            return False
+        if sent < len(data):  # a partial line: terminate it, best effort, so the next one starts clean
+            with contextlib.suppress(OSError):
+                if self._sock is not None:
+                    self._sock.send(b"\n", socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                else:
+                    os.write(self.fd, b"\n")
+        self.dropped = 0
+        return True
+
+
 class JournalSink:
     """Sends datagrams to journald; falls back to a line on stderr when journald cannot take it."""
 
-    def __init__(self, path: str = JOURNAL_SOCKET, fallback: TextIO | None = None) -> None:
+    def __init__(self, path: str = JOURNAL_SOCKET, fallback: SafeStream | None = None) -> None:
         self.path = path
-        self.fallback = fallback or sys.stderr
+        self.fallback = fallback or SafeStream(2)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
 
     def send(self, fields: Mapping[str, str]) -> bool:
-        data = encode_journal(fields)
         try:
-            # MSG_DONTWAIT: a stalled journald must not stall the daemon (and its watchdog pings).
-            self.sock.sendto(data, socket.MSG_DONTWAIT, self.path)
-        except OSError as exc:
-            if exc.errno == errno.EMSGSIZE and self._send_memfd(data):
+            data = encode_journal(fields)
+            try:
+                # MSG_DONTWAIT: a stalled journald must not stall the daemon (and its watchdog pings).
+                self.sock.sendto(data, socket.MSG_DONTWAIT, self.path)
+            except OSError as exc:
+                if exc.errno == errno.EMSGSIZE and self._send_memfd(data):
+                    return True
+                reason = exc.strerror or str(exc)
+            else:
                 return True
-            self.fallback.write(f"ctwatchd: {fields.get('MESSAGE', '')} [journal: {exc.strerror}]\n")
-            self.fallback.flush()
-            return False
-        return True
+        except Exception as exc:  # logging must never raise into the daemon
+            reason = f"{type(exc).__name__}: {exc}"
+        self.fallback.write_line(f"ctwatchd: {clean(fields.get('MESSAGE', ''), 2000)} [journal: {reason}]")
+        return False
 
     def _send_memfd(self, data: bytes) -> bool:
         """Large records travel as a sealed memfd, as sd_journal_send does."""
-        fd = os.memfd_create("ctwatchd-journal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            fd = os.memfd_create("ctwatchd-journal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError:
+            return False
         try:
             os.write(fd, data)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
@@ -164,6 +244,18 @@ class JournalSink:
         finally:
             os.close(fd)
         return True
+
+
+class LineLogger:
+    """The structlog logger at the end of the chain for console and JSON lines: a SafeStream."""
+
+    def __init__(self, stream: SafeStream) -> None:
+        self.stream = stream
+
+    def msg(self, message: str) -> None:
+        self.stream.write_line(message)
+
+    debug = info = warning = error = critical = msg
 
 
 class JournalLogger:
@@ -206,10 +298,12 @@ def configure(fmt: LogFormat = LogFormat.AUTO, *, env: Mapping[str, str] | None 
         factory: Any = lambda *_: JournalLogger(sink)  # noqa: E731
     elif fmt is LogFormat.JSON:
         processors += [structlog.processors.TimeStamper(fmt="iso"), structlog.processors.JSONRenderer()]
-        factory = structlog.PrintLoggerFactory(sys.stderr)
+        stream = SafeStream(2)
+        factory = lambda *_: LineLogger(stream)  # noqa: E731
     else:
         processors += [structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S"), _console]
-        factory = structlog.PrintLoggerFactory(sys.stderr)
+        stream = SafeStream(2)
+        factory = lambda *_: LineLogger(stream)  # noqa: E731
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
@@ -225,8 +319,8 @@ def _console(_logger: object, _method: str, event_dict: MutableMapping[str, Any]
     level = event_dict.pop("level", "info")
     message = event_dict.pop("message", "")
     event = event_dict.pop("event", "")
-    rest = " ".join(f"{k}={v}" for k, v in event_dict.items() if v is not None)
-    return f"{ts} {level:<7} {message} [{event}{' ' + rest if rest else ''}]"
+    rest = " ".join(f"{k}={clean(str(v), 500)}" for k, v in event_dict.items() if v is not None)
+    return f"{ts} {level:<7} {clean(str(message), 2000)} [{event}{' ' + rest if rest else ''}]"
 
 
 def get_logger() -> AuditLog:

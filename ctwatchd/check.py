@@ -1,5 +1,7 @@
 """`ctwatchd check`: the runbook's diagnosis, once, as a table or JSON.
 
+It takes the daemon's own path (verdict.Inspector, resumed from the state file), so it shows exactly
+what the daemon would do now: owed docker/hook restarts, the tuning snapshot, the breaker.
 Exit codes follow node-problem-detector's plugin convention: 0 healthy, 1 degraded, 2 cannot tell.
 """
 
@@ -12,52 +14,51 @@ from pathlib import Path
 from typing import Any
 
 from ctwatchd import core
-from ctwatchd import state as statefile
 from ctwatchd.config import Config
 from ctwatchd.executor import DOCKER_UNIT, systemctl_path
 from ctwatchd.kernel import KernelProbe
-from ctwatchd.model import Observation, RestorePlan
+from ctwatchd.model import clean
 from ctwatchd.runner import Runner
+from ctwatchd.verdict import Inspector, Look, Resumed
 
 HEALTHY, DEGRADED, UNKNOWN = 0, 1, 2
 
 
 @dataclass(frozen=True)
 class Report:
-    observation: Observation
-    health: core.Health
-    plan: RestorePlan
-    modules: tuple[str, ...]
+    look: Look
     docker: str
     daemon: dict[str, Any]
     errors: tuple[str, ...]  # reasons we cannot tell
     desired: tuple[tuple[str, str], ...] = ()
+    notes: tuple[str, ...] = ()  # worth knowing, not a problem: unreadable tree files, blacklist rules
 
     @property
     def exit_code(self) -> int:
         if self.errors:
             return UNKNOWN
-        return HEALTHY if self.health.healthy else DEGRADED
+        return HEALTHY if self.look.decision.health.healthy else DEGRADED
 
     @property
     def status(self) -> str:
         return {HEALTHY: "healthy", DEGRADED: "degraded", UNKNOWN: "unknown"}[self.exit_code]
 
     def as_json(self) -> dict[str, Any]:
-        obs = self.observation
+        obs = self.look.observation
         return {
             "status": self.status,
             "kernel": obs.release,
             "modules": [
                 {"name": n, "state": obs.modules[n].state.value, "detail": obs.modules[n].detail,
-                 "blocker": obs.modules[n].blocker}
-                for n in self.modules
+                 "blocker": obs.modules[n].blocker, "note": obs.modules[n].note}
+                for n in self.look.watched
             ],
             "conntrack_count": obs.conntrack_count,
             "sysctls": dict(obs.sysctls),
-            "problems": list(self.health.problems),
+            "problems": list(self.look.decision.health.problems),
             "errors": list(self.errors),
-            "would_do": [s.describe() for s in self.plan.steps],
+            "notes": list(self.notes),
+            "would_do": [s.describe() for s in self.look.decision.plan.steps],
             "docker": self.docker,
             "daemon": self.daemon,
         }
@@ -70,45 +71,58 @@ def docker_state(cfg: Config, root: Path) -> str:
     if done.error:
         return f"unknown ({done.error})"
     word = done.output.strip().splitlines()[-1:] or ["unknown"]
-    return word[0]
+    return clean(word[0], 40)
 
 
-def daemon_state(cfg: Config, now: float) -> tuple[dict[str, Any], tuple[float, ...]]:
-    """What the running daemon last recorded (status line, breaker), from its state file."""
-    try:
-        saved = statefile.load(cfg.state_file)
-    except statefile.StateError as exc:
-        return {"state_file": str(cfg.state_file), "error": f"state file ignored: {exc}"}, ()
+def daemon_state(cfg: Config, probe: KernelProbe, resumed: Resumed, now: float) -> dict[str, Any]:
+    """What the daemon last recorded, and whether it is still the one saying it."""
+    out: dict[str, Any] = {"state_file": clean(str(cfg.state_file))}
+    saved = resumed.saved
+    if resumed.problem:
+        out["error"] = f"state file ignored: {resumed.problem}"
+        return out
     if saved is None:
-        return {"state_file": str(cfg.state_file), "running": "no state file (ctwatchd run has not run)"}, ()
-    recent = tuple(t for t in saved.restarts if now - t < cfg.restart_window)
-    return {
-        "state_file": str(cfg.state_file),
+        out["running"] = "no state file (ctwatchd run has not run)"
+        return out
+    recent = core.recent_restarts(cfg, resumed.state, now)
+    out.update({
         "status": saved.status,
-        "breaker_open": len(recent) >= cfg.max_restarts,
+        "breaker_open": core.breaker_open(cfg, resumed.state, now),
         "restarts_in_window": len(recent),
+        "restarts_owed": resumed.state.restarts_owed,
         "tuning_snapshot": len(saved.tuning),
-    }, recent
+        "pid": saved.pid,
+    })
+    ago = f"{now - saved.written_at:.0f} s ago" if saved.written_at is not None else "an unknown time ago"
+    if saved.boot_id is None or saved.boot_id != probe.boot_id():
+        out["running"] = "not running in this boot (the state file is from an earlier one)"
+    elif saved.stopped:
+        out["running"] = f"not running since {ago} (stopped)"
+    elif saved.pid is None or not probe.process_alive(saved.pid):
+        out["running"] = f"not running since at most {ago} (pid {saved.pid} is gone)"
+    else:
+        out["running"] = "yes"
+    return out
 
 
 def run_check(cfg: Config, root: Path = Path("/")) -> Report:
     probe = KernelProbe(root)
     errors = [f"{p} is not readable; is /sys or /proc mounted?"
               for p in (root / "sys/module", root / "proc/sys/kernel") if not p.is_dir()]
-    facts = probe.facts()
-    obs = probe.observe(facts, core.observed_modules(cfg.modules, facts.release), [k for k, _ in cfg.sysctls])
+    notes: list[str] = []
+    inspector = Inspector(probe, on_problem=notes.append)
     now = time.monotonic()
-    daemon, restarts = daemon_state(cfg, now)
-    decision = core.decide(cfg, core.CoreState(restarts=restarts), obs, now)
-    modules = core.effective_modules(cfg.modules, obs)
-    return Report(obs, decision.health, decision.plan, modules, docker_state(cfg, root), daemon, tuple(errors),
-                  cfg.sysctls)
+    resumed = inspector.resume(cfg, now)
+    look = inspector.look(cfg, resumed.state, now)
+    notes += [f"{n}: {s.note}" for n, s in look.observation.modules.items() if s.note and n in look.watched]
+    return Report(look, docker_state(cfg, root), daemon_state(cfg, probe, resumed, now), tuple(errors),
+                  cfg.sysctls, tuple(dict.fromkeys(notes)))
 
 
 def format_table(report: Report) -> str:
-    obs = report.observation
+    obs = report.look.observation
     lines = [f"kernel {obs.release}", "", f"{'MODULE':<20} {'STATE':<12} DETAIL"]
-    for name in report.modules:
+    for name in report.look.watched:
         st = obs.modules[name]
         detail = st.detail + (f"; blocker: {st.blocker}" if st.blocker and st.blocker not in st.detail else "")
         lines.append(f"{name:<20} {st.state.value:<12} {detail}")
@@ -117,21 +131,29 @@ def format_table(report: Report) -> str:
     lines.append(f"{'net.netfilter.nf_conntrack_count':<45} {count:<10} readable")
     want = dict(report.desired)
     for key, value in obs.sysctls.items():
-        lines.append(f"{key:<45} {value if value is not None else 'missing':<10} {want.get(key, '')}")
+        shown = clean(value, 40) if value is not None else "missing"
+        lines.append(f"{key:<45} {shown:<10} {want.get(key, '')}")
     lines += ["", f"docker.service: {report.docker}"]
     d = report.daemon
     if "status" in d:
         breaker = "open (docker/hook restarts paused)" if d.get("breaker_open") else "closed"
-        lines.append(f"daemon: {d['status'] or 'no status yet'}; restart breaker {breaker}")
+        running = d.get("running")
+        if running == "yes":
+            lines.append(f"daemon: running (pid {d.get('pid')}): {d['status'] or 'no status yet'}; "
+                         f"restart breaker {breaker}")
+        else:
+            lines.append(f"daemon: {running}; its last status: {d['status'] or 'none'}")
     else:
         lines.append(f"daemon: {d.get('error') or d.get('running')}")
-    if report.plan.steps:
-        lines += ["", "ctwatchd restore would:"] + [f"  {i}. {s.describe()}"
-                                                   for i, s in enumerate(report.plan.steps, 1)]
+    plan = report.look.decision.plan
+    if plan.steps:
+        lines += ["", "ctwatchd restore would:"] + [f"  {i}. {s.describe()}" for i, s in enumerate(plan.steps, 1)]
     lines.append("")
+    for note in report.notes:
+        lines.append(f"note: {note}")
     for err in report.errors:
         lines.append(f"cannot tell: {err}")
-    problems = "; ".join(report.health.problems)
+    problems = "; ".join(report.look.decision.health.problems)
     lines.append(f"status: {report.status}" + (f" ({problems})" if problems else ""))
     return "\n".join(lines)
 

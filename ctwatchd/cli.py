@@ -8,13 +8,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ctwatchd import __version__, core
 from ctwatchd import config as configmod
-from ctwatchd import state as statefile
 from ctwatchd.config import ConfigError
 from ctwatchd.kernel import KernelProbe
-from ctwatchd.model import Outcome
+from ctwatchd.model import Outcome, clean
+
+if TYPE_CHECKING:
+    from ctwatchd.verdict import Inspector, Look
 
 EXIT_CONFIG = 2
 
@@ -67,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ctwatchd: {exc}", file=sys.stderr)
         # The status line is what `systemctl status` shows for the failed start.
-        Notifier().send(f"STATUS=configuration error: {exc}")
+        Notifier().status(f"configuration error: {exc}")
         return EXIT_CONFIG
     audit.configure(cfg.log_format)
     monitor_factory = None
@@ -80,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                         reload_config=lambda: configmod.load(args.config), monitor_factory=monitor_factory)
     except MetricsUnavailable as exc:
         print(f"ctwatchd: {cfg.path or 'configuration'}: {exc}", file=sys.stderr)
-        Notifier().send(f"STATUS=configuration error: {exc}")
+        Notifier().status(f"configuration error: {exc}")
         return EXIT_CONFIG
     return daemon.run()
 
@@ -95,8 +98,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         return UNKNOWN
     try:
         report = run_check(cfg, args.root)
-    except OSError as exc:
-        print(f"ctwatchd: cannot read the kernel state: {exc}", file=sys.stderr)
+    except Exception as exc:  # "cannot tell" (2), never "degraded" (1): see ctwatchd(8)
+        print(f"ctwatchd: cannot tell: {type(exc).__name__}: {clean(str(exc))}", file=sys.stderr)
         return UNKNOWN
     print(format_json(report) if args.json else format_table(report))
     return report.exit_code
@@ -106,6 +109,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from ctwatchd import audit
     from ctwatchd.executor import Executor
     from ctwatchd.runner import Runner
+    from ctwatchd.verdict import Inspector
 
     try:
         cfg = configmod.load(args.config)
@@ -113,21 +117,15 @@ def cmd_restore(args: argparse.Namespace) -> int:
         print(f"ctwatchd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     probe = KernelProbe(args.root)
-    facts = probe.facts()
-    obs = probe.observe(facts, core.observed_modules(cfg.modules, facts.release), [k for k, _ in cfg.sysctls])
-    state = core.CoreState()
-    try:
-        saved = statefile.load(cfg.state_file)
-    except statefile.StateError as exc:
-        print(f"ctwatchd: state file {cfg.state_file} ignored: {exc}", file=sys.stderr)
-        saved = None
-    if saved is not None:
-        state = core.core_state(saved)
-    decision = core.decide(cfg, state, obs, time.monotonic())
-    plan = decision.plan
+    inspector = Inspector(probe, on_problem=lambda text: print(f"note: {text}", file=sys.stderr))
+    resumed = inspector.resume(cfg, time.monotonic())
+    if resumed.problem:
+        print(f"ctwatchd: state file {clean(str(cfg.state_file))} ignored: {resumed.problem}", file=sys.stderr)
+    look = _settled_look(inspector, cfg, resumed.state)
+    plan = look.decision.plan
     if not plan:
         print(f"nothing to do: {plan.reason}")
-        return 0
+        return 0 if look.decision.health.healthy else 1
     print(f"plan ({plan.reason}):")
     for i, step in enumerate(plan.steps, 1):
         print(f"  {i}. {step.describe()}")
@@ -141,7 +139,27 @@ def cmd_restore(args: argparse.Namespace) -> int:
         mark = {Outcome.OK: "ok", Outcome.SKIPPED: "skipped", Outcome.FAILED: "FAILED",
                 Outcome.INTERRUPTED: "interrupted"}[r.outcome]
         print(f"{mark:>11}  {r.step.describe()} ({r.duration_ms:.0f} ms){': ' + r.detail if r.detail else ''}")
-    return 0 if result.ok else 1
+    if not result.ok:
+        return 1
+    after = inspector.look(cfg, core.record(cfg, look.decision.state, result, time.monotonic()), time.monotonic())
+    if not after.decision.health.healthy:
+        print(f"still degraded: {'; '.join(after.decision.health.problems)}")
+        return 1
+    return 0
+
+
+def _settled_look(inspector: Inspector, cfg: configmod.Config, state: core.CoreState) -> Look:
+    """A look that is not "waiting": a module coming or going is given the daemon's grace to finish,
+    after which it is reported stuck instead of "waiting" forever with exit 0."""
+    deadline = time.monotonic() + core.TRANSIENT_GRACE + 1.0
+    while True:
+        now = time.monotonic()
+        look = inspector.look(cfg, state, now)
+        wake = look.decision.wake_at
+        if look.decision.plan or wake is None or now >= deadline or look.decision.state.retry_at is not None:
+            return look
+        state = look.decision.state
+        time.sleep(min(max(0.0, wake - now), 1.0))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

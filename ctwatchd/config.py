@@ -11,21 +11,29 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from ctwatchd.model import BR_NETFILTER, CONNTRACK, MODULE_NAME, NAT, normalize_module
+from ctwatchd.files import FileProblem, read_regular
+from ctwatchd.model import BR_NETFILTER, CONNTRACK, MODULE_NAME_MAX, NAT, clean, is_module_name, normalize_module
 
 DEFAULT_PATH = Path("/etc/ctwatchd/ctwatchd.toml")
+MODPROBE_PATHS = ("/usr/sbin/modprobe", "/sbin/modprobe")
+SYSTEMCTL_PATHS = ("/usr/bin/systemctl", "/bin/systemctl")
 MAX_BYTES = 1 << 20  # a larger file is refused whole, never read in part
 
 # A dotted sysctl name: components of letters, digits, '_' and '-' (no '/', no '..', no empty part).
-SYSCTL_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+$")
+# Always fullmatch: with match + "$", a trailing newline would pass.
+SYSCTL_KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+")
+SYSCTL_KEY_MAX = 256
 # Values written to /proc/sys: printable, one line. Kernel parsers reject the rest anyway.
-SYSCTL_VALUE = re.compile(r"^[\x20-\x7e\t]{0,256}$")
+SYSCTL_VALUE = re.compile(r"[\x20-\x7e\t]{0,256}")
+# [sysctl] tables nest once per dot of an unquoted key; a real sysctl name has a handful.
+SYSCTL_DEPTH = 16
+ECHO = 80  # characters of a rejected value shown in an error
 
 
 class ConfigError(Exception):
@@ -76,8 +84,14 @@ class Config:
 
 def _shown(key: str) -> str:
     """A key as written, or quoted with escapes when it holds a newline or another control character:
-    messages stay one line."""
-    return key if key.isprintable() else repr(key)
+    messages stay one line, and short."""
+    return clean(key, ECHO) if key.isprintable() else clean(repr(key), ECHO)
+
+
+def _echo(value: object) -> str:
+    """A rejected value as the error shows it: its repr, escaped and capped."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10 ** 30 else "a huge integer"
+    return clean(text, ECHO)
 
 
 def _where(path: Path | None, section: str, key: str | None = None) -> str:
@@ -108,9 +122,14 @@ class _Reader:
         return value
 
     def number(self, key: str, default: float, *, low: float, high: float) -> float:
-        value = float(self.take(key, (int, float), default))
+        raw = self.take(key, (int, float), default)
+        try:
+            value = float(raw)
+        except OverflowError:  # an integer beyond any float
+            value = math.inf
         if not (math.isfinite(value) and low <= value <= high):
-            raise ConfigError(f"{self.where(key)} must be between {low:g} and {high:g} seconds, not {value:g}.")
+            shown = f"{value:g}" if math.isfinite(value) else _echo(raw) if isinstance(raw, float) else "a huge integer"
+            raise ConfigError(f"{self.where(key)} must be between {low:g} and {high:g} seconds, not {shown}.")
         return value
 
     def choice(self, key: str, kind: type[StrEnum], default: StrEnum) -> Any:  # noqa: ANN401
@@ -119,7 +138,7 @@ class _Reader:
             return kind(raw)
         except ValueError:
             choices = " or ".join(f'"{c.value}"' for c in kind)
-            raise ConfigError(f"{self.where(key)} must be {choices}, not {raw!r}.") from None
+            raise ConfigError(f"{self.where(key)} must be {choices}, not {_echo(raw)}.") from None
 
     def done(self) -> None:
         if self.table:
@@ -144,8 +163,9 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 
 def _absolute_exe(where: str, value: str) -> str:
-    if not value.startswith("/") or "\0" in value or "/../" in f"{value}/":
-        raise ConfigError(f"{where} must be an absolute path without '..', not {value!r}.")
+    if not value.startswith("/") or "\0" in value or "/../" in f"{value}/" or not value.isprintable():
+        raise ConfigError(f"{where} must be an absolute path without '..' or control characters, "
+                          f"not {_echo(value)}.")
     return value
 
 
@@ -173,9 +193,9 @@ def _watch(path: Path | None, table: object) -> dict[str, Any]:
     if raw_modules is not None:
         seen: list[str] = []
         for i, m in enumerate(raw_modules):
-            if not isinstance(m, str) or not MODULE_NAME.match(m):
+            if not is_module_name(m):
                 raise ConfigError(f"{w.where('modules')}[{i}] must be a plain module name "
-                                  f"(letters, digits, '_' or '-'), not {m!r}.")
+                                  f"(letters, digits, '_' or '-', at most {MODULE_NAME_MAX}), not {_echo(m)}.")
             name = normalize_module(m)
             if name not in seen:
                 seen.append(name)
@@ -189,16 +209,24 @@ def _sysctl(path: Path | None, table: object) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ConfigError(f"{_where(path, 'sysctl')} must be a table of \"key\" = \"value\", not {_type(table)}.")
     sysctls: list[tuple[str, str]] = []
-    for key, value in _flatten(table):
-        where = _where(path, "sysctl", f'"{key}"' if key.isprintable() else repr(key))
-        if not SYSCTL_KEY.match(key):
+    seen: set[str] = set()
+    for key, value in _flatten(path, table):
+        where = _where(path, "sysctl", f'"{_shown(key)}"' if key.isprintable() else _shown(key))
+        if len(key) > SYSCTL_KEY_MAX or not SYSCTL_KEY.fullmatch(key):
             raise ConfigError(f"{where} is not a dotted sysctl name under /proc/sys "
                               "(letters, digits, '_', '-' separated by '.'; no '/' or '..').")
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise ConfigError(f"{where} must be a string or an integer, not {_type(value)}.")
+        if isinstance(value, int) and not -(1 << 63) <= value < 1 << 64:
+            raise ConfigError(f"{where} must fit in 64 bits, not a huge integer.")
         text = str(value)
-        if not SYSCTL_VALUE.match(text):
+        if not SYSCTL_VALUE.fullmatch(text):
             raise ConfigError(f"{where} value must be one printable line of at most 256 characters.")
+        # The same file named twice ("a.b" = 1 and [sysctl.a] b = 0) would be written back and forth
+        # forever: refuse it here, with both spellings meaning one key.
+        if key in seen:
+            raise ConfigError(f"{where} is given twice (as a quoted key and as a table, or twice in one).")
+        seen.add(key)
         sysctls.append((key, text))
     return {"sysctls": tuple(sysctls)}
 
@@ -208,7 +236,7 @@ def _hooks(r: _Reader) -> tuple[tuple[str, ...], ...]:
     for i, argv in enumerate(r.take("hooks", list, [])):
         where = f"{r.where('hooks')}[{i}]"
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-            raise ConfigError(f"{where} must be a non-empty array of strings (an argv list), not {argv!r}.")
+            raise ConfigError(f"{where} must be a non-empty array of strings (an argv list), not {_echo(argv)}.")
         if any("\0" in a for a in argv):
             raise ConfigError(f"{where} contains a NUL character.")
         _absolute_exe(f"{where}[0]", argv[0])
@@ -265,17 +293,31 @@ _SECTIONS: dict[str, Callable[[Path | None, object], dict[str, Any]]] = {
 def _restarts(r: _Reader, default: int) -> int:
     value = r.take("max_restarts", int, default)
     if not 0 <= value <= 1000:
-        raise ConfigError(f"{r.where('max_restarts')} must be between 0 and 1000, not {value}.")
+        raise ConfigError(f"{r.where('max_restarts')} must be between 0 and 1000, not {_echo(value)}.")
     return int(value)
 
 
-def _flatten(table: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """Accept both `"net.x.y" = "1"` and the unquoted form, which TOML turns into nested tables."""
+def _flatten(path: Path | None, table: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """Accept both `"net.x.y" = "1"` and the unquoted form, which TOML turns into nested tables.
+
+    Iterative, with a depth limit: `a.a.a.…b = 1` with thousands of dots must be an error, not a
+    RecursionError.
+    """
     out: list[tuple[str, Any]] = []
-    for key, value in table.items():
+    stack: list[tuple[str, Iterator[tuple[str, Any]], int]] = [("", iter(table.items()), 0)]
+    while stack:
+        prefix, items, depth = stack[-1]
+        entry = next(items, None)
+        if entry is None:
+            stack.pop()
+            continue
+        key, value = entry
         full = f"{prefix}.{key}" if prefix else key
         if isinstance(value, dict):
-            out.extend(_flatten(value, full))
+            if depth + 1 > SYSCTL_DEPTH:
+                raise ConfigError(f"{_where(path, 'sysctl')} nests deeper than {SYSCTL_DEPTH} levels "
+                                  f"(at {_shown(full)}); no sysctl name has that many parts.")
+            stack.append((full, iter(value.items()), depth + 1))
         else:
             out.append((full, value))
     return out
@@ -290,7 +332,7 @@ def check_trust(path: Path, st: os.stat_result, euid: int) -> None:
                           "its hooks as root.")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise ConfigError(f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                          "refusing it because ctwatchd runs its hooks as root.")
+                          "refusing it because ctwatchd runs as root and takes orders from it.")
 
 
 def _chain(path: str) -> list[str]:
@@ -313,19 +355,19 @@ def check_executable_trust(where: str, exe: str, euid: int, stat_fn: Callable[[s
     try:
         st = stat_fn(exe)
     except FileNotFoundError:
-        raise ConfigError(f"{where} {exe!r} does not exist.") from None
+        raise ConfigError(f"{where} {_echo(exe)} does not exist.") from None
     except OSError as exc:
-        raise ConfigError(f"{where} {exe!r} cannot be checked: {exc.strerror or exc}.") from None
+        raise ConfigError(f"{where} {_echo(exe)} cannot be checked: {exc.strerror or exc}.") from None
     if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{where} {exe!r} is not a regular file.")
+        raise ConfigError(f"{where} {_echo(exe)} is not a regular file.")
     if not st.st_mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH):
-        raise ConfigError(f"{where} {exe!r} is not executable.")
+        raise ConfigError(f"{where} {_echo(exe)} is not executable.")
     if euid != 0:
         return
     try:
         resolved = realpath(exe)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{where} {exe!r} cannot be resolved: {exc}.") from None
+        raise ConfigError(f"{where} {_echo(exe)} cannot be resolved: {exc}.") from None
     checked: set[str] = set()
     for item in (*_chain(exe), *_chain(resolved)):
         if item in checked:
@@ -334,20 +376,36 @@ def check_executable_trust(where: str, exe: str, euid: int, stat_fn: Callable[[s
         try:
             st = stat_fn(item)
         except OSError as exc:
-            raise ConfigError(f"{where} {exe!r}: {item!r} cannot be checked: {exc.strerror or exc}.") from None
-        what = "it" if item in (exe, resolved) else f"its directory {item!r}"
+            raise ConfigError(f"{where} {_echo(exe)}: {_echo(item)} cannot be checked: "
+                              f"{exc.strerror or exc}.") from None
+        what = "it" if item in (exe, resolved) else f"its directory {_echo(item)}"
         if st.st_uid != 0:
-            raise ConfigError(f"{where} {exe!r} refused: {what} is owned by uid {st.st_uid}, not root, "
-                              "and ctwatchd runs its hooks as root.")
+            raise ConfigError(f"{where} {_echo(exe)} refused: {what} is owned by uid {st.st_uid}, not root, "
+                              "and ctwatchd runs it as root.")
         if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise ConfigError(f"{where} {exe!r} refused: {what} is writable by group or others "
-                              f"(mode {stat.S_IMODE(st.st_mode):04o}), and ctwatchd runs its hooks as root.")
+            raise ConfigError(f"{where} {_echo(exe)} refused: {what} is writable by group or others "
+                              f"(mode {stat.S_IMODE(st.st_mode):04o}), and ctwatchd runs it as root.")
 
 
-def check_hooks(cfg: Config, euid: int, stat_fn: Callable[[str], os.stat_result] = os.stat,
-                realpath: Callable[[str], str] = os.path.realpath) -> None:
+def check_executables(cfg: Config, euid: int, stat_fn: Callable[[str], os.stat_result] = os.stat,
+                      realpath: Callable[[str], str] = os.path.realpath) -> None:
+    """Every executable ctwatchd runs as root passes the same trust rule: the hooks, and modprobe and
+    systemctl whether configured or the defaults (a default that does not exist fails later, at use)."""
     for i, argv in enumerate(cfg.hooks):
         check_executable_trust(_where(cfg.path, "restore", f"hooks[{i}][0]"), argv[0], euid, stat_fn, realpath)
+    for key, configured, defaults in (("modprobe", cfg.modprobe, MODPROBE_PATHS),
+                                      ("systemctl", cfg.systemctl, SYSTEMCTL_PATHS)):
+        where = _where(cfg.path, "restore", key)
+        if configured is not None:
+            check_executable_trust(where, configured, euid, stat_fn, realpath)
+            continue
+        for default in defaults:
+            try:
+                stat_fn(default)
+            except OSError:
+                continue
+            check_executable_trust(f"{where} (default)", default, euid, stat_fn, realpath)
+            break
 
 
 def load(path: Path | None, *, euid: int | None = None,
@@ -365,10 +423,16 @@ def load(path: Path | None, *, euid: int | None = None,
         raw, st = (opener or _read)(target)
     except FileNotFoundError:
         if explicit:
-            raise ConfigError(f"{target}: no such configuration file.") from None
+            raise ConfigError(f"{_shown(str(target))}: no such configuration file.") from None
+        if os.path.islink(target):
+            # A link to a file that is gone is a configuration someone meant to have, not "no file".
+            raise ConfigError(f"{target} is a symbolic link to {_shown(os.readlink(target))}, which does not "
+                              "exist; remove the link to use the built-in defaults.") from None
         return Config()
+    except FileProblem as exc:
+        raise ConfigError(f"{clean(str(exc), 300)}; refusing to read it as the configuration.") from None
     except OSError as exc:
-        raise ConfigError(f"{target}: cannot read the configuration: {exc.strerror or exc}.") from None
+        raise ConfigError(f"{_shown(str(target))}: cannot read the configuration: {exc.strerror or exc}.") from None
     check_trust(target, st, uid)
     if len(raw) > MAX_BYTES:
         raise ConfigError(f"{target}: larger than {MAX_BYTES} bytes; refusing it rather than reading part of it.")
@@ -379,15 +443,23 @@ def load(path: Path | None, *, euid: int | None = None,
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{target}: malformed TOML: {exc}.") from None
+        raise ConfigError(f"{target}: malformed TOML: {clean(str(exc), 200)}.") from None
     except RecursionError:  # tomllib recurses once per level of nested arrays and inline tables
         raise ConfigError(f"{target}: malformed TOML: arrays or inline tables nested too deeply.") from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits (int-max-str-digits)
+        raise ConfigError(f"{target}: malformed TOML: {clean(str(exc), 200)}.") from None
     cfg = parse(data, target)
-    check_hooks(cfg, uid, stat_fn or os.stat)
+    check_executables(cfg, uid, stat_fn or os.stat)
     return cfg
 
 
 def _read(path: Path) -> tuple[bytes, os.stat_result]:
-    # fstat the descriptor we read, so the trust check and the content cannot be two different files.
-    with path.open("rb") as fh:
-        return fh.read(MAX_BYTES + 1), os.fstat(fh.fileno())
+    # The stat is of the descriptor we read, so the trust check and the content are one file; a FIFO
+    # or device in the config's place fails at once instead of blocking (read_regular).
+    try:
+        return read_regular(path, MAX_BYTES)
+    except FileProblem as exc:
+        if "larger than" in str(exc):
+            raise ConfigError(f"{path}: larger than {MAX_BYTES} bytes; refusing it rather than reading part "
+                              "of it.") from None
+        raise

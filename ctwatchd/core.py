@@ -18,7 +18,10 @@ from ctwatchd.model import (
     CONNTRACK_IPV4,
     NAT,
     NAT_IPV4,
+    KernelFacts,
+    ModuleEvidence,
     ModuleState,
+    ModuleStatus,
     Observation,
     Outcome,
     RestorePlan,
@@ -38,6 +41,56 @@ TRANSIENT_GRACE = 10.0
 TRANSIENT_RECHECK = 0.2
 # Sysctl files that exist only while their module is loaded: a missing one can appear only with that load.
 SYSCTL_OWNERS = (("net.bridge.", BR_NETFILTER), ("net.netfilter.nf_conntrack_", CONNTRACK))
+# A restore that succeeds but is needed again at once, this many times in a row with no look in between
+# that needed nothing, is being undone by something else: back off instead of fighting it.
+UNSETTLED_AFTER = 3
+# Kconfig symbols of the modules we know, for telling "built in" from "missing" via the kernel config.
+KCONFIG = {
+    CONNTRACK: "CONFIG_NF_CONNTRACK",
+    NAT: "CONFIG_NF_NAT",
+    BR_NETFILTER: "CONFIG_BRIDGE_NETFILTER",
+    CONNTRACK_IPV4: "CONFIG_NF_CONNTRACK_IPV4",
+    NAT_IPV4: "CONFIG_NF_NAT_IPV4",
+}
+# initstate values the kernel shows while a module is on its way in or out.
+_INITSTATES = {"live": ModuleState.LIVE, "coming": ModuleState.COMING, "unformed": ModuleState.COMING,
+               "going": ModuleState.GOING}
+
+
+def classify(ev: ModuleEvidence, facts: KernelFacts) -> ModuleStatus:
+    """One module's state from the raw evidence and the kernel's static facts (pure; see kernel.py)."""
+    name = ev.name
+    rule = facts.blockers.get(name)
+    blocker = str(rule) if rule else None
+    noted = facts.notes.get(name)
+    note = f"{noted}: modprobe ignores a blacklist for a module it is asked for by name" if noted else None
+
+    def status(state: ModuleState, detail: str, instance: int | None = None) -> ModuleStatus:
+        return ModuleStatus(name, state, detail, blocker, instance, note)
+
+    state = _INITSTATES.get(ev.initstate or "")
+    if state is not None:
+        return status(state, f"/sys/module/{name}/initstate", ev.instance)
+    if ev.initstate is None and ev.sys_dir and not ev.refcnt:
+        # Built-in code with parameters gets /sys/module/<name> but never an initstate or refcnt.
+        return status(ModuleState.BUILTIN, f"/sys/module/{name} has no initstate")
+    if name in facts.builtin:
+        return status(ModuleState.BUILTIN, "listed in modules.builtin")
+    symbol = KCONFIG.get(name)
+    if symbol and facts.kconfig.get(symbol) == "y":
+        return status(ModuleState.BUILTIN, f"{symbol}=y in the kernel config")
+    if not facts.module_support:
+        if ev.sign:
+            return status(ModuleState.BUILTIN, f"{ev.sign_path} exists")
+        return status(ModuleState.UNAVAILABLE, "the kernel has no module support and shows no sign of it")
+    if rule is not None:
+        return status(ModuleState.BLOCKED, str(rule))
+    if name in facts.deps:
+        return status(ModuleState.ABSENT, "not loaded")
+    if not facts.deps and facts.modules_dir:
+        # No modules.dep to consult (depmod never ran): let modprobe be the judge.
+        return status(ModuleState.ABSENT, "not loaded (no modules.dep to check the disk)")
+    return status(ModuleState.UNAVAILABLE, f"not in /lib/modules/{facts.release}/modules.dep")
 
 
 def kernel_version(release: str) -> tuple[int, int]:
@@ -117,6 +170,8 @@ class CoreState:
     restarts: tuple[float, ...] = ()  # when docker/hooks last ran, for the breaker window
     transient_since: Mapping[str, float] = field(default_factory=dict)
     restarts_owed: bool = False  # modules were reloaded but docker/hooks have not run successfully since
+    unsettled: int = 0  # successful restores in a row, each needed again at the next look
+    dropped: tuple[str, ...] = ()  # snapshot keys dropped by the last decide/record, for the audit
 
 
 @dataclass(frozen=True)
@@ -127,18 +182,31 @@ class Decision:
     health: Health
 
 
-def core_state(saved: SavedState) -> CoreState:
-    """The decision state a restarted daemon (or `ctwatchd restore`) resumes from."""
-    return CoreState(tuning=saved.tuning, conntrack_reloaded=saved.conntrack_reloaded, restarts=saved.restarts,
+def core_state(saved: SavedState, *, boot_id: str | None, now: float) -> CoreState:
+    """The decision state a restarted daemon, `check` or `restore` resumes from.
+
+    Monotonic times and /sys inode numbers mean something only within one boot: a state file from
+    another boot (a persistent state_file) keeps only its tuning snapshot, which the first look then
+    compares with the live values like any other. Times in the future are refused, never trusted.
+    """
+    if saved.boot_id is None or saved.boot_id != boot_id:
+        return CoreState(tuning=saved.tuning)
+    restarts = tuple(t for t in saved.restarts if t <= now)
+    return CoreState(tuning=saved.tuning, conntrack_reloaded=saved.conntrack_reloaded, restarts=restarts,
                      conntrack_instance=saved.conntrack_instance, restarts_owed=saved.restarts_owed)
 
 
+def restarts_wanted(cfg: Config) -> bool:
+    """Is there anything for the breaker to limit? max_restarts = 0 turns docker and hooks off."""
+    return (cfg.docker is not DockerMode.NEVER or bool(cfg.hooks)) and cfg.max_restarts > 0
+
+
 def breaker_open(cfg: Config, state: CoreState, now: float) -> bool:
-    return len(recent_restarts(cfg, state, now)) >= cfg.max_restarts
+    return restarts_wanted(cfg) and len(recent_restarts(cfg, state, now)) >= cfg.max_restarts
 
 
 def recent_restarts(cfg: Config, state: CoreState, now: float) -> tuple[float, ...]:
-    return tuple(t for t in state.restarts if now - t < cfg.restart_window)
+    return tuple(t for t in state.restarts if 0 <= now - t < cfg.restart_window)
 
 
 def assess(cfg: Config, obs: Observation, state: CoreState, now: float) -> Health:
@@ -184,8 +252,17 @@ def _snapshot(cfg: Config, state: CoreState, obs: Observation) -> CoreState:
     if status.instance != state.conntrack_instance:
         state = replace(state, conntrack_instance=status.instance)
     if state.conntrack_reloaded:
+        if not obs.tuning:
+            return state  # not readable this time (a read torn by a reload): judge at the next look
+        # A key the reloaded module does not have (a per-protocol key of an old kernel, a key of a
+        # module that did not come back) can never be written back: drop it, or the snapshot would
+        # stay "owed" forever and keep overriding the admin's later changes.
+        missing = tuple(k for k in state.tuning if k not in obs.tuning)
+        if missing:
+            state = replace(state, tuning={k: v for k, v in state.tuning.items() if k not in missing},
+                            dropped=state.dropped + missing)
         desired = cfg.sysctl_map
-        back = all(normalize_value(obs.tuning.get(k, "")) == normalize_value(v)
+        back = all(normalize_value(obs.tuning[k]) == normalize_value(v)
                    for k, v in state.tuning.items() if k not in desired)
         if not back:
             return state  # still the kernel's defaults: the snapshot must not learn them
@@ -204,6 +281,8 @@ def _transients(state: CoreState, obs: Observation, names: Sequence[str], now: f
 def decide(cfg: Config, state: CoreState, obs: Observation, now: float) -> Decision:
     """Turn one observation into the ordered plan that brings the host back to the desired state."""
     names = effective_modules(cfg.modules, obs)
+    if state.dropped:
+        state = replace(state, dropped=())
     state = _transients(_snapshot(cfg, state, obs), obs, names, now)
     health = assess(cfg, obs, state, now)
 
@@ -213,7 +292,9 @@ def decide(cfg: Config, state: CoreState, obs: Observation, now: float) -> Decis
         return Decision(state, RestorePlan((), f"waiting for {', '.join(busy)}"), now + TRANSIENT_RECHECK,
                         health)
     if state.retry_at is not None and now < state.retry_at:
-        return Decision(state, RestorePlan((), "backing off after a failed restore"), state.retry_at, health)
+        why = "backing off: the last restores did not hold" if state.unsettled else \
+            "backing off after a failed restore"
+        return Decision(state, RestorePlan((), why), state.retry_at, health)
 
     blocked = {n for n, s in obs.modules.items() if s.state is ModuleState.BLOCKED}
     # modprobe would pull a blocked dependency in along with its user: that is fighting the block too.
@@ -224,14 +305,17 @@ def decide(cfg: Config, state: CoreState, obs: Observation, now: float) -> Decis
     if CONNTRACK in to_load:
         steps.append(Step(StepKind.VERIFY_CONNTRACK))
 
-    writes = _sysctl_writes(cfg, state, obs, loading=to_load)
+    writes = _sysctl_writes(cfg, obs, loading=to_load)
     if writes:
         steps.append(Step(StepKind.WRITE_SYSCTLS, sysctls=writes))
+    tuning = _tuning_writes(cfg, state, obs, loading=to_load)
+    if tuning:
+        steps.append(Step(StepKind.RESTORE_TUNING, sysctls=tuning))
 
     skipped = False
     # Docker and hooks follow a module load, and are owed until they have run after one: a failed hook,
     # or one the breaker held back, runs once the backoff or the breaker window lets it.
-    if (to_load or state.restarts_owed) and (cfg.docker is DockerMode.IF_ACTIVE or cfg.hooks):
+    if (to_load or state.restarts_owed) and restarts_wanted(cfg):
         if breaker_open(cfg, state, now):
             skipped = True
         else:
@@ -241,19 +325,18 @@ def decide(cfg: Config, state: CoreState, obs: Observation, now: float) -> Decis
 
     if to_load:
         reason = "not loaded: " + ", ".join(to_load)
-    elif writes:
-        reason = "sysctl drift: " + ", ".join(k for k, _ in writes)
+    elif writes or tuning:
+        reason = "sysctl drift: " + ", ".join(k for k, _ in (*writes, *tuning))
     elif steps:
         reason = "docker/hooks still owed after an earlier restore"
     else:
         reason = "healthy" if health.healthy else "nothing ctwatchd can do: " + "; ".join(health.problems)
+    if not steps and state.unsettled:
+        state = replace(state, unsettled=0)  # a look that needs nothing: whatever fought us has stopped
     return Decision(state, RestorePlan(tuple(steps), reason, skipped), None, health)
 
 
-def _sysctl_writes(cfg: Config, state: CoreState, obs: Observation, *,
-                   loading: Sequence[str]) -> tuple[tuple[str, str], ...]:
-    desired = dict(cfg.sysctls)
-    conntrack = CONNTRACK in loading
+def _sysctl_writes(cfg: Config, obs: Observation, *, loading: Sequence[str]) -> tuple[tuple[str, str], ...]:
     writes: dict[str, str] = {}
     for key, want in cfg.sysctls:
         have = obs.sysctls.get(key)
@@ -264,31 +347,50 @@ def _sysctl_writes(cfg: Config, state: CoreState, obs: Observation, *,
         appears = bool(loading) and (have is not None or owner is None or owner in loading)
         if appears or (have is not None and normalize_value(have) != normalize_value(want)):
             writes[key] = want
-    status = obs.modules.get(CONNTRACK)
-    live = status is not None and status.state is ModuleState.LIVE
-    # The snapshot goes back after this plan loads nf_conntrack, or once a reload by someone else is
-    # seen live; never while conntrack is absent (blocked, failing): its files do not exist then.
-    if conntrack or (state.conntrack_reloaded and live):
-        for key, value in sorted(state.tuning.items()):
-            if key in desired:
-                continue  # [sysctl] wins over the snapshot
-            have = obs.tuning.get(key)
-            if conntrack or (have is not None and normalize_value(have) != normalize_value(value)):
-                writes[key] = value
     return tuple(writes.items())
 
 
+def _tuning_writes(cfg: Config, state: CoreState, obs: Observation, *,
+                   loading: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """The snapshot goes back after this plan loads nf_conntrack, or once a reload by someone else is
+    seen live; never while conntrack is absent (blocked, failing): its files do not exist then."""
+    conntrack = CONNTRACK in loading
+    status = obs.modules.get(CONNTRACK)
+    live = status is not None and status.state is ModuleState.LIVE
+    if not (conntrack or (state.conntrack_reloaded and live)):
+        return ()
+    desired = cfg.sysctl_map
+    writes: list[tuple[str, str]] = []
+    for key, value in sorted(state.tuning.items()):
+        if key in desired:
+            continue  # [sysctl] wins over the snapshot
+        have = obs.tuning.get(key)
+        if conntrack or (have is not None and normalize_value(have) != normalize_value(value)):
+            writes.append((key, value))
+    return tuple(writes)
+
+
 def record(cfg: Config, state: CoreState, result: RestoreResult, now: float) -> CoreState:
-    """Fold a finished restore into the state: backoff on failure, breaker bookkeeping, tuning reapplied."""
+    """Fold a finished restore into the state: backoff on failure or on a restore that does not hold,
+    breaker bookkeeping, snapshot keys the kernel refused dropped."""
     restarts = recent_restarts(cfg, state, now)
     if any(r.step.kind in (StepKind.RESTART_DOCKER, StepKind.RUN_HOOK) and r.outcome is not Outcome.SKIPPED
            for r in result.results):
         restarts = (*restarts, now)
     owed = _restarts_owed(state, result)
+    dropped = tuple(k for r in result.results for k in r.dropped)
+    if dropped:
+        state = replace(state, tuning={k: v for k, v in state.tuning.items() if k not in dropped},
+                        dropped=state.dropped + dropped)
     if result.ok:
-        return replace(state, failures=0, retry_at=None, restarts=restarts, restarts_owed=owed)
+        unsettled = state.unsettled + 1
+        retry_at = None
+        if unsettled >= UNSETTLED_AFTER:
+            retry_at = now + min(cfg.backoff_initial * 2 ** min(unsettled - UNSETTLED_AFTER, 64), cfg.backoff_max)
+        return replace(state, failures=0, retry_at=retry_at, restarts=restarts, restarts_owed=owed,
+                       unsettled=unsettled)
     failures = state.failures + 1
-    delay = min(cfg.backoff_initial * 2 ** (failures - 1), cfg.backoff_max)
+    delay = min(cfg.backoff_initial * 2 ** min(failures - 1, 64), cfg.backoff_max)
     return replace(state, failures=failures, retry_at=now + delay, restarts=restarts, restarts_owed=owed)
 
 

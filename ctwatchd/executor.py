@@ -13,10 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctwatchd.config import Config
+from ctwatchd.config import MODPROBE_PATHS, SYSTEMCTL_PATHS, Config
 from ctwatchd.kernel import KernelProbe, sysctl_path
 from ctwatchd.model import (
-    MODULE_NAME,
     AuditLog,
     Outcome,
     RestorePlan,
@@ -24,6 +23,8 @@ from ctwatchd.model import (
     Step,
     StepKind,
     StepResult,
+    clean,
+    is_module_name,
     normalize_value,
 )
 from ctwatchd.runner import Completed, Runner
@@ -40,11 +41,11 @@ def first_existing(candidates: tuple[str, ...]) -> str:
 
 
 def modprobe_path(cfg: Config) -> str:
-    return cfg.modprobe or first_existing(("/usr/sbin/modprobe", "/sbin/modprobe"))
+    return cfg.modprobe or first_existing(MODPROBE_PATHS)
 
 
 def systemctl_path(cfg: Config) -> str:
-    return cfg.systemctl or first_existing(("/usr/bin/systemctl", "/bin/systemctl"))
+    return cfg.systemctl or first_existing(SYSTEMCTL_PATHS)
 
 
 @dataclass
@@ -66,11 +67,15 @@ class Executor:
                                                                       f"{stopped.outcome.value}"))
                 continue
             t0 = self.clock()
+            dropped: tuple[str, ...] = ()
             try:
-                outcome, detail = self._run(step)
-            except Exception as exc:
-                outcome, detail = Outcome.FAILED, f"internal error: {type(exc).__name__}: {exc}"
-            result = StepResult(step, outcome, round((self.clock() - t0) * 1000, 1), detail)
+                if step.kind is StepKind.RESTORE_TUNING:
+                    outcome, detail, dropped = self._tuning(step.sysctls)
+                else:
+                    outcome, detail = self._run(step)
+            except Exception as exc:  # the executor never raises
+                outcome, detail = Outcome.FAILED, f"internal error: {type(exc).__name__}: {clean(str(exc))}"
+            result = StepResult(step, outcome, round((self.clock() - t0) * 1000, 1), detail, dropped)
             results.append(result)
             self._audit(result, t0)
             if outcome in (Outcome.FAILED, Outcome.INTERRUPTED):
@@ -101,7 +106,7 @@ class Executor:
         return self._completed(self.runner.run(step.argv, self.cfg.hook_timeout))
 
     def _load(self, name: str) -> tuple[Outcome, str]:
-        if not MODULE_NAME.match(name):
+        if not is_module_name(name):
             # Plans only name validated modules; this keeps an option or a path off modprobe's command
             # line even if a Config or plan is built some other way.
             return Outcome.FAILED, f"refusing to run modprobe for {name!r}: not a plain module name"
@@ -119,7 +124,7 @@ class Executor:
         if state is None:
             return Outcome.FAILED, (f"modprobe {name} exited 0 but {name} is not loaded: it was removed again "
                                     "at once, or an 'install' rule in modprobe.d replaced the load")
-        return Outcome.FAILED, f"modprobe {name} succeeded but /sys/module/{name}/initstate is {state!r}"
+        return Outcome.FAILED, f"modprobe {name} succeeded but /sys/module/{name}/initstate is {clean(repr(state))}"
 
     def _sysctls(self, pairs: tuple[tuple[str, str], ...]) -> tuple[Outcome, str]:
         failures: list[str] = []
@@ -137,6 +142,31 @@ class Executor:
         if failures:
             return Outcome.FAILED, "; ".join(failures)
         return Outcome.OK, f"{written} written and read back, {len(pairs) - written} already set"
+
+    def _tuning(self, pairs: tuple[tuple[str, str], ...]) -> tuple[Outcome, str, tuple[str, ...]]:
+        """The snapshot back after a reload. A key the new module does not have (ENOENT) or refuses
+        (EINVAL) is dropped from the snapshot, not a failure: retrying cannot make it appear."""
+        failures: list[str] = []
+        dropped: list[str] = []
+        written = 0
+        for key, value in pairs:
+            current = self.probe.read_sysctl(key)
+            if current is not None and normalize_value(current) == normalize_value(value):
+                continue
+            problem = write_sysctl(self.probe.proc_sys, key, value)
+            written += 1
+            gone = problem is not None and (current is None or "(EINVAL)" in problem)
+            self.log.info("sysctl.write", key=key, value=value, previous=current,
+                          result="ok" if problem is None else "dropped" if gone else "failed", detail=problem)
+            if gone:
+                dropped.append(key)
+            elif problem is not None:
+                failures.append(problem)
+        if failures:
+            return Outcome.FAILED, "; ".join(failures), tuple(dropped)
+        tail = f"; dropped from the snapshot: {', '.join(dropped)}" if dropped else ""
+        return Outcome.OK, f"{written - len(dropped)} written and read back, " \
+                           f"{len(pairs) - written} already set{tail}", tuple(dropped)
 
     def _docker(self) -> tuple[Outcome, str]:
         systemctl = systemctl_path(self.cfg)
@@ -177,11 +207,11 @@ def write_sysctl(proc_sys: Path, key: str, value: str) -> str | None:
     except OSError as exc:
         reason = {errno.ENOENT: "does not exist", errno.EPERM: "permission denied (EPERM)",
                   errno.EACCES: "permission denied (EACCES)", errno.EROFS: "read-only file system (EROFS)",
-                  errno.EINVAL: f"the kernel rejected the value {value!r} (EINVAL)"}.get(
+                  errno.EINVAL: f"the kernel rejected the value {clean(repr(value), 80)} (EINVAL)"}.get(
                       exc.errno or 0, exc.strerror or str(exc))
         return f"{key}: cannot write {path}: {reason}"
     if normalize_value(back) != normalize_value(value):
-        return f"{key}: wrote {value!r} but read back {normalize_value(back)!r}"
+        return f"{key}: wrote {clean(repr(value), 80)} but read back {clean(repr(normalize_value(back)), 80)}"
     return None
 
 

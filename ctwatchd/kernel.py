@@ -7,34 +7,29 @@ KernelFacts; the live state (initstate, sysctls) on every observe().
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
 import stat
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from ctwatchd.core import KCONFIG, classify
+from ctwatchd.files import read_regular
 from ctwatchd.model import (
     BR_NETFILTER,
     CONNTRACK,
-    CONNTRACK_IPV4,
-    NAT,
-    NAT_IPV4,
+    Blocker,
+    KernelFacts,
+    ModuleEvidence,
     ModuleState,
     ModuleStatus,
     Observation,
+    clean,
+    is_module_name,
     normalize_module,
 )
 
-# Kconfig symbols of the modules we know, for telling "built in" from "missing" via the kernel config.
-KCONFIG = {
-    CONNTRACK: "CONFIG_NF_CONNTRACK",
-    NAT: "CONFIG_NF_NAT",
-    BR_NETFILTER: "CONFIG_BRIDGE_NETFILTER",
-    CONNTRACK_IPV4: "CONFIG_NF_CONNTRACK_IPV4",
-    NAT_IPV4: "CONFIG_NF_NAT_IPV4",
-}
 # Files that exist only while a module's code is in the kernel: evidence when /sys/module says nothing.
 EVIDENCE = {
     CONNTRACK: "proc/sys/net/netfilter/nf_conntrack_count",
@@ -43,33 +38,16 @@ EVIDENCE = {
 # modprobe.d search order; a file name found earlier hides the same name later (modprobe.d(5)).
 MODPROBE_DIRS = ("etc/modprobe.d", "run/modprobe.d", "usr/local/lib/modprobe.d", "usr/lib/modprobe.d",
                  "lib/modprobe.d")
-NEUTERED = {"true", "false"}
+# Commands an `install` rule may run and still load the module it names.
+LOADERS = {"modprobe", "insmod"}
+# A kernel release as uname prints it; anything else in osrelease (a NUL, a path) is not used in a path.
+RELEASE = re.compile(r"[A-Za-z0-9._+~-]{1,64}")
+BOOT_ID = re.compile(r"[0-9a-f-]{36}")
+TREE_FILE_LIMIT = 16 << 20  # modules.dep of a distribution kernel is ~1 MB
+CONF_FILE_LIMIT = 1 << 20
+CONFIG_LIMIT = 8 << 20  # an uncompressed kernel config is ~300 KB
 TUNING_PREFIX = "nf_conntrack_"
 TUNING_EXCLUDE = {"nf_conntrack_count"}
-
-
-@dataclass(frozen=True)
-class Blocker:
-    rule: str  # e.g. "install nf_conntrack /bin/true"
-    source: str  # "/etc/modprobe.d/protect.conf:1"
-
-    def __str__(self) -> str:
-        return f"'{self.rule}' in {self.source}"
-
-
-@dataclass(frozen=True)
-class KernelFacts:
-    """What does not change while the kernel runs (re-read on SIGHUP)."""
-
-    release: str
-    module_support: bool  # /proc/modules exists
-    modules_dir: bool  # /lib/modules/<release> exists
-    builtin: frozenset[str] = frozenset()
-    deps: dict[str, tuple[str, ...]] = field(default_factory=dict)  # modules.dep: every module on disk
-    kconfig: dict[str, str] = field(default_factory=dict)  # CONFIG_X -> "y" | "m" for the symbols we know
-    blockers: dict[str, Blocker] = field(default_factory=dict)
-    conf_files: tuple[Path, ...] = ()  # the modprobe.d files read
-    fingerprint: tuple[float, ...] = ()
 
 
 class KernelProbe:
@@ -81,6 +59,13 @@ class KernelProbe:
         self._root = str(root).rstrip("/")
         self._sm = str(self.sys_module)
         self._sysctl_paths: dict[str, str] = {}
+
+    def shown(self, path: Path | str) -> str:
+        """A path as the host sees it (without the injected root), safe to echo."""
+        text = os.fspath(path)
+        if self._root and text.startswith(self._root + "/"):
+            text = text[len(self._root):]
+        return clean(text)
 
     # -- static facts -------------------------------------------------------------------------
     def fingerprint(self, release: str, files: Iterable[Path | str] = ()) -> tuple[float, ...]:
@@ -96,38 +81,82 @@ class KernelProbe:
         for p in paths:
             try:
                 out.append(os.stat(p).st_mtime)
-            except OSError:
+            except (OSError, ValueError):
                 out.append(-1.0)
         return tuple(out)
 
+    def release(self) -> str:
+        """The running kernel's release; never raises (a NUL or garbage in osrelease is refused)."""
+        for candidate in (_read(self.proc_sys / "kernel/osrelease"), os.uname().release):
+            if candidate and RELEASE.fullmatch(candidate):
+                return candidate
+        return "unknown"
+
+    def boot_id(self) -> str | None:
+        """This boot's id: saved monotonic times and /sys inode numbers mean something only within it."""
+        raw = _read(self.proc_sys / "kernel/random/boot_id")
+        return raw if raw and BOOT_ID.fullmatch(raw) else None
+
+    def process_alive(self, pid: int, word: str = "ctwatchd") -> bool:
+        """Is `pid` a running process whose command line mentions `word` (not a recycled pid)?"""
+        try:
+            raw, _ = read_regular(f"{self._root}/proc/{int(pid)}/cmdline", 1 << 16)
+        except (OSError, ValueError):
+            return False
+        return word.encode() in raw
+
     def facts(self) -> KernelFacts:
-        release = _read(self.proc_sys / "kernel/osrelease") or os.uname().release
+        """Read the static facts. Never raises: a file that cannot be read is a sentence in `problems`
+        and counts as absent, so a corrupt tree degrades what ctwatchd knows, not whether it runs."""
+        problems: list[str] = []
+        release = self.release()
         moddir = self.root / "lib/modules" / release
-        builtin = frozenset(_module_names((moddir / "modules.builtin").read_text().splitlines())) \
-            if (moddir / "modules.builtin").is_file() else frozenset()
-        deps = _parse_deps(moddir / "modules.dep")
+        builtin_text = self._text(moddir / "modules.builtin", problems, limit=TREE_FILE_LIMIT)
+        builtin = frozenset(_module_names(builtin_text.splitlines())) if builtin_text else frozenset()
+        deps = _parse_deps(self._text(moddir / "modules.dep", problems, limit=TREE_FILE_LIMIT) or "")
         conf_files = self._conf_files()
+        blockers: dict[str, Blocker] = {}
+        notes: dict[str, Blocker] = {}
+        for name, rule in self._rules(conf_files, problems):
+            (blockers if rule.blocks else notes).setdefault(name, rule)
         return KernelFacts(
             release=release,
-            module_support=(self.root / "proc/modules").exists(),
-            modules_dir=moddir.is_dir(),
+            module_support=os.path.exists(self.root / "proc/modules"),
+            modules_dir=os.path.isdir(moddir),
             builtin=builtin,
             deps=deps,
-            kconfig=self._kconfig(release),
-            blockers=dict(self._blockers(conf_files)),
+            kconfig=self._kconfig(release, problems),
+            blockers=blockers,
+            notes=notes,
             conf_files=conf_files,
             fingerprint=self.fingerprint(release, conf_files),
+            problems=tuple(problems),
         )
 
-    def _kconfig(self, release: str) -> dict[str, str]:
+    def _text(self, path: Path, problems: list[str], *, limit: int) -> str | None:
+        """A tree file as text (undecodable bytes replaced), None when absent or unreadable."""
+        try:
+            raw, _ = read_regular(path, limit)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            problems.append(f"{self.shown(path)} was not read: {_why(exc)}")
+            return None
+        return raw.decode("utf-8", "replace")
+
+    def _kconfig(self, release: str, problems: list[str]) -> dict[str, str]:
         wanted = set(KCONFIG.values()) | {"CONFIG_MODULES"}
         for path in (self.root / "proc/config.gz", self.root / "boot" / f"config-{release}"):
             try:
-                opener = gzip.open if path.suffix == ".gz" else open
-                with opener(path, "rt", errors="replace") as fh:
-                    return _parse_kconfig(fh, wanted)
-            except (OSError, EOFError):
+                raw, _ = read_regular(path, CONFIG_LIMIT)
+                if path.suffix == ".gz":
+                    raw = _gunzip(raw, CONFIG_LIMIT)
+            except FileNotFoundError:
                 continue
+            except (OSError, EOFError, zlib.error) as exc:
+                problems.append(f"{self.shown(path)} was not read: {_why(exc)}")
+                continue
+            return _parse_kconfig(raw.decode("utf-8", "replace").splitlines(), wanted)
         return {}
 
     def _conf_files(self) -> tuple[Path, ...]:
@@ -141,17 +170,17 @@ class KernelProbe:
                 seen.setdefault(name, self.root / d / name)
         return tuple(seen[name] for name in sorted(seen))
 
-    def _blockers(self, files: Iterable[Path]) -> Iterator[tuple[str, Blocker]]:
+    def _rules(self, files: Iterable[Path], problems: list[str]) -> Iterator[tuple[str, Blocker]]:
         for path in files:
-            shown = "/" + str(path.relative_to(self.root))
-            try:
-                text = path.read_text(errors="replace")
-            except OSError:
+            text = self._text(path, problems, limit=CONF_FILE_LIMIT)
+            if text is None:
                 continue
+            shown = self.shown(path)
             for lineno, words in _conf_lines(text):
-                if (len(words) >= 2 and words[0] == "blacklist") or (len(words) >= 3 and words[0] == "install"
-                      and os.path.basename(words[2]) in NEUTERED):
-                    yield normalize_module(words[1]), Blocker(" ".join(words), f"{shown}:{lineno}")
+                rule = classify_rule(words)
+                if rule is not None:
+                    name, blocks = rule
+                    yield name, Blocker(clean(" ".join(words), 200), f"{shown}:{lineno}", blocks)
 
     # -- live state ---------------------------------------------------------------------------
     def initstate(self, name: str) -> str | None:
@@ -164,40 +193,33 @@ class KernelProbe:
         except OSError:
             return None
 
-    def status(self, name: str, facts: KernelFacts) -> ModuleStatus:
-        blocker = facts.blockers.get(name)
-        state = self.initstate(name)
-        if state in ("live", "coming", "going"):
-            return ModuleStatus(name, ModuleState(state), f"/sys/module/{name}/initstate", _s(blocker),
-                                self.instance(name))
+    def evidence(self, name: str) -> ModuleEvidence:
+        """What /sys/module and the module's own /proc files say about it, uninterpreted."""
         mod_dir = f"{self._sm}/{name}"
-        if state is None and os.path.isdir(mod_dir) and not os.path.exists(f"{mod_dir}/refcnt"):
-            # Built-in code with parameters gets /sys/module/<name> but never an initstate or refcnt.
-            return ModuleStatus(name, ModuleState.BUILTIN, f"/sys/module/{name} has no initstate", _s(blocker))
-        if name in facts.builtin:
-            return ModuleStatus(name, ModuleState.BUILTIN, "listed in modules.builtin", _s(blocker))
-        symbol = KCONFIG.get(name)
-        if symbol and facts.kconfig.get(symbol) == "y":
-            return ModuleStatus(name, ModuleState.BUILTIN, f"{symbol}=y in the kernel config", _s(blocker))
-        evidence = EVIDENCE.get(name)
-        if not facts.module_support:
-            if evidence and os.path.exists(f"{self._root}/{evidence}"):
-                return ModuleStatus(name, ModuleState.BUILTIN, f"/{evidence} exists", _s(blocker))
-            return ModuleStatus(name, ModuleState.UNAVAILABLE,
-                                "the kernel has no module support and shows no sign of it", _s(blocker))
-        if blocker is not None:
-            return ModuleStatus(name, ModuleState.BLOCKED, str(blocker), str(blocker))
-        if name in facts.deps:
-            return ModuleStatus(name, ModuleState.ABSENT, "not loaded")
-        if not facts.deps and facts.modules_dir:
-            # No modules.dep to consult (depmod never ran): let modprobe be the judge.
-            return ModuleStatus(name, ModuleState.ABSENT, "not loaded (no modules.dep to check the disk)")
-        return ModuleStatus(name, ModuleState.UNAVAILABLE, f"not in /lib/modules/{facts.release}/modules.dep")
+        state = self.initstate(name)
+        sign = EVIDENCE.get(name)
+        if state is not None:  # the common, healthy case: one read
+            return ModuleEvidence(name, state, True, True, self.instance(name), sign_path=f"/{sign}" if sign else None)
+        return ModuleEvidence(
+            name=name,
+            initstate=None,
+            sys_dir=os.path.isdir(mod_dir),
+            refcnt=os.path.exists(f"{mod_dir}/refcnt"),
+            sign=sign is not None and os.path.exists(f"{self._root}/{sign}"),
+            sign_path=f"/{sign}" if sign else None,
+        )
+
+    def status(self, name: str, facts: KernelFacts) -> ModuleStatus:
+        return classify(self.evidence(name), facts)
 
     def read_sysctl(self, key: str) -> str | None:
         path = self._sysctl_paths.get(key)
         if path is None:
-            path = self._sysctl_paths[key] = str(sysctl_path(self.proc_sys, key))
+            try:
+                path = str(sysctl_path(self.proc_sys, key))
+            except ValueError:
+                return None  # not a sysctl name: nothing to read (config and state file refuse these)
+            self._sysctl_paths[key] = path
         return _read(path)
 
     def tuning(self) -> dict[str, str]:
@@ -257,15 +279,11 @@ def sysctl_path(proc_sys: Path, key: str) -> Path:
     return proc_sys.joinpath(*parts)
 
 
-def _s(blocker: Blocker | None) -> str | None:
-    return str(blocker) if blocker else None
-
-
 def _read(path: Path | str) -> str | None:
     # O_NONBLOCK: /proc and /sys ignore it, but a FIFO where such a file belongs must not hang the probe.
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in a path built from outside text
         return None
     try:
         return os.read(fd, 4096).decode("ascii", "replace").strip()
@@ -279,14 +297,12 @@ def _module_names(paths: Iterable[str]) -> Iterator[str]:
     for p in paths:
         base = os.path.basename(p.strip().rstrip(":"))
         if ".ko" in base:
-            yield normalize_module(base.split(".ko", 1)[0])
+            name = base.split(".ko", 1)[0]
+            if is_module_name(name):
+                yield normalize_module(name)
 
 
-def _parse_deps(path: Path) -> dict[str, tuple[str, ...]]:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return {}
+def _parse_deps(text: str) -> dict[str, tuple[str, ...]]:
     deps: dict[str, tuple[str, ...]] = {}
     for line in text.splitlines():
         head, sep, tail = line.partition(":")
@@ -297,13 +313,46 @@ def _parse_deps(path: Path) -> dict[str, tuple[str, ...]]:
     return deps
 
 
-_KCONFIG_LINE = re.compile(r"^(CONFIG_[A-Z0-9_]+)=(.*)$")
+def _gunzip(raw: bytes, limit: int) -> bytes:
+    """Decompress at most `limit` bytes: a gzip bomb where /proc/config.gz belongs stays small."""
+    d = zlib.decompressobj(wbits=31)
+    out = d.decompress(raw, limit)
+    if not d.eof and not d.unconsumed_tail and len(out) < limit:
+        raise EOFError("truncated gzip data")
+    return out
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and not str(exc).startswith("/"):
+        return exc.strerror
+    return clean(str(exc)) or type(exc).__name__
+
+
+def classify_rule(words: Sequence[str]) -> tuple[str, bool] | None:
+    """(module, stops-the-load) for a modprobe.d line that concerns loading a module, else None.
+
+    modprobe(8) ignores `blacklist` for a module named on its command line, as ctwatchd names them:
+    a note, not a block. An `install` rule replaces the load with its command, so it blocks unless
+    that command itself runs modprobe or insmod on the module (the usual --ignore-install wrapper).
+    """
+    if len(words) < 2 or not is_module_name(words[1]) or words[0] not in ("blacklist", "install"):
+        return None
+    name = normalize_module(words[1])
+    if words[0] == "blacklist":
+        return name, False
+    command = words[2:]
+    loads = any(os.path.basename(w) in LOADERS for w in command) and any(
+        normalize_module(w) == name for w in command)
+    return name, not loads
+
+
+_KCONFIG_LINE = re.compile(r"(CONFIG_[A-Z0-9_]+)=(.*)")
 
 
 def _parse_kconfig(lines: Iterable[str], wanted: set[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for line in lines:
-        m = _KCONFIG_LINE.match(line)
+        m = _KCONFIG_LINE.fullmatch(line)
         if m and m.group(1) in wanted:
             out[m.group(1)] = m.group(2)
     return out

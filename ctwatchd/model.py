@@ -6,10 +6,43 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Protocol
 
-# A loadable module name as modprobe accepts it: no path, no option, no glob.
-MODULE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")  # no leading "-": not an option
+# A loadable module name as modprobe accepts it: no path, no option (no leading "-"), no glob. The
+# kernel's limit is MODULE_NAME_LEN (64) less a pointer, NUL included: 55 characters on 64-bit.
+MODULE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,54}")
+MODULE_NAME_MAX = 55
+
+
+def is_module_name(name: object) -> bool:
+    """fullmatch, never match + "$": "nf_nat\\n" must not pass."""
+    return isinstance(name, str) and MODULE_NAME.fullmatch(name) is not None
+
+
+# C0 and C1 controls, DEL, lone surrogates (from undecodable bytes), line/paragraph separators and the
+# bidi overrides that reorder what a terminal shows.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+ECHO_LIMIT = 300
+
+
+def clean(text: str, limit: int = ECHO_LIMIT) -> str:
+    """Outside text (command output, file names and contents, config values) made safe to echo.
+
+    Control characters are escaped (ESC becomes \\x1b), so nothing reaches a terminal, STATUS= or
+    a journal MESSAGE as a control sequence, and the result is capped at about `limit` characters.
+    """
+    head = _UNSAFE.sub(_escape, text[:limit])
+    if len(head) > limit:
+        head = head[:limit]
+    if len(text) > limit:
+        head += f"… ({len(text) - limit} more characters)"
+    return head
+
+
+def _escape(m: re.Match[str]) -> str:
+    return m.group().encode("unicode_escape", "backslashreplace").decode("ascii")
+
 
 CONNTRACK = "nf_conntrack"
 NAT = "nf_nat"
@@ -39,6 +72,48 @@ def normalize_value(value: str) -> str:
     return " ".join(value.split())
 
 
+@dataclass(frozen=True)
+class Blocker:
+    """A modprobe.d rule about a module, and whether it stops an explicit `modprobe <module>`."""
+
+    rule: str  # e.g. "install nf_conntrack /bin/true"
+    source: str  # "/etc/modprobe.d/protect.conf:1"
+    blocks: bool = True  # False: a note only ("blacklist" stops aliases, not an explicit modprobe)
+
+    def __str__(self) -> str:
+        return f"'{self.rule}' in {self.source}"
+
+
+@dataclass(frozen=True)
+class KernelFacts:
+    """What does not change while the kernel runs (re-read on SIGHUP and when the files change)."""
+
+    release: str
+    module_support: bool  # /proc/modules exists
+    modules_dir: bool  # /lib/modules/<release> exists
+    builtin: frozenset[str] = frozenset()
+    deps: dict[str, tuple[str, ...]] = field(default_factory=dict)  # modules.dep: every module on disk
+    kconfig: dict[str, str] = field(default_factory=dict)  # CONFIG_X -> "y" | "m" for the symbols we know
+    blockers: dict[str, Blocker] = field(default_factory=dict)  # rules that stop a load
+    notes: dict[str, Blocker] = field(default_factory=dict)  # rules that do not (blacklist)
+    conf_files: tuple[Path, ...] = ()  # the modprobe.d files read
+    fingerprint: tuple[float, ...] = ()
+    problems: tuple[str, ...] = ()  # files that could not be read, one sentence each
+
+
+@dataclass(frozen=True)
+class ModuleEvidence:
+    """The raw readings about one module; core.classify() turns them into a ModuleStatus."""
+
+    name: str
+    initstate: str | None  # /sys/module/<m>/initstate, None when it cannot be read
+    sys_dir: bool  # /sys/module/<m> exists
+    refcnt: bool  # /sys/module/<m>/refcnt exists: only loadable modules have it
+    instance: int | None = None  # inode of /sys/module/<m>
+    sign: bool = False  # a file only the module's code creates exists (e.g. nf_conntrack_count)
+    sign_path: str | None = None  # that file, when the module has one
+
+
 class ModuleState(StrEnum):
     LIVE = "live"
     COMING = "coming"
@@ -64,6 +139,7 @@ class ModuleStatus:
     detail: str = ""  # the evidence, as a sentence fragment
     blocker: str | None = None  # the modprobe.d rule, also reported when the module is live
     instance: int | None = None  # inode of /sys/module/<name>: a reload makes a new one
+    note: str | None = None  # a rule that does not stop the load (blacklist), said once
 
 
 @dataclass(frozen=True)
@@ -82,6 +158,7 @@ class StepKind(StrEnum):
     LOAD_MODULE = "load-module"
     VERIFY_CONNTRACK = "verify-conntrack"
     WRITE_SYSCTLS = "write-sysctls"
+    RESTORE_TUNING = "restore-tuning"  # the conntrack snapshot: a key the new module lacks is dropped
     RESTART_DOCKER = "restart-docker"
     RUN_HOOK = "run-hook"
 
@@ -100,6 +177,8 @@ class Step:
             return "verify /proc/sys/net/netfilter/nf_conntrack_count is readable"
         if self.kind is StepKind.WRITE_SYSCTLS:
             return "write and read back " + ", ".join(f"{k}={v}" for k, v in self.sysctls)
+        if self.kind is StepKind.RESTORE_TUNING:
+            return "write back the tuned conntrack values " + ", ".join(f"{k}={v}" for k, v in self.sysctls)
         if self.kind is StepKind.RESTART_DOCKER:
             return "systemctl try-restart docker.service (if active)"
         return "run hook " + " ".join(self.argv)
@@ -132,6 +211,7 @@ class StepResult:
     outcome: Outcome
     duration_ms: float
     detail: str = ""
+    dropped: tuple[str, ...] = ()  # snapshot keys the reloaded module does not have or refuses
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 sdnotify is small and unmaintained and swallows every error; we run it in debug mode so errors reach
 us, report each kind once, reconnect on the next message, and never let a notify failure hurt the
-daemon. Without NOTIFY_SOCKET everything here is a no-op (gunicorn's rule).
+daemon. Its notify() encodes Latin-1, so one Cyrillic file name in a STATUS= line would raise:
+we send UTF-8 ourselves (systemd takes it) on its socket. Without NOTIFY_SOCKET everything here is
+a no-op (gunicorn's rule).
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from typing import Any
 
 import sdnotify
 
+from ctwatchd.model import clean
+
+STATUS_LIMIT = 400  # characters of STATUS=; systemctl status shows one line anyway
 SEND_TIMEOUT = 2.0  # seconds one notify datagram may wait for room in the receiver's queue
 
 
@@ -54,13 +59,13 @@ class Notifier:
         if not self.enabled:
             return False
         try:
-            self._connect().notify("\n".join(lines))
-        except (OSError, TypeError, AttributeError) as exc:
+            self._connect().socket.sendall("\n".join(lines).encode("utf-8", "backslashreplace"))
+        except Exception as exc:  # a notify failure must never hurt the daemon
             self._impl = None  # reconnect next time: systemd may have come back
             kind = type(exc).__name__ + (f":{exc.errno}" if isinstance(exc, OSError) else "")
             if kind not in self._reported and self.on_error is not None:
                 self._reported.add(kind)
-                self.on_error(f"{exc}")
+                self.on_error(clean(str(exc)) or type(exc).__name__)
             return False
         self.sent += 1
         return True
@@ -81,6 +86,11 @@ class Notifier:
     def watchdog(self) -> bool:
         return self.send("WATCHDOG=1")
 
+    def extend_timeout(self, seconds: float) -> bool:
+        """Still starting (or stopping): systemd ≥ 236 then waits this much longer than it would."""
+        return self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+
 
 def _line(text: str) -> str:
-    return " ".join(text.split())[:400]
+    """One line, control characters escaped, capped: what STATUS= may carry."""
+    return clean(" ".join(text.split()), STATUS_LIMIT)

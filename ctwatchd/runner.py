@@ -17,10 +17,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO
 
+from ctwatchd.model import clean
+
 SAFE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "LANG": "C"}
 OUTPUT_LIMIT = 16 * 1024  # keep the tail of this much output; the rest is read and dropped
 TERM_GRACE = 2.0  # after SIGTERM to the group, SIGKILL follows this many seconds later
 TICK = 0.25
+# Without a pidfd (kernels before 5.3, or a seccomp filter denying pidfd_open) the child's exit is
+# noticed by polling this often; with one, the wait is event-driven.
+POLL_WITHOUT_PIDFD = 0.02
 
 
 @dataclass(frozen=True)
@@ -39,17 +44,18 @@ class Completed:
 
     def why(self) -> str:
         """One sentence fragment for the audit record."""
-        name = self.argv[0] if self.argv else "?"
+        name = clean(self.argv[0], 200) if self.argv else "?"
         if self.error:
             return self.error
         if self.timed_out:
             return f"{name} did not finish within its timeout; its process group was killed"
         if self.interrupted:
             return f"{name} was stopped because ctwatchd is stopping"
-        last = self.output.strip().splitlines()[-1:] or [""]
+        # The last line of what it printed, escaped and capped: it reaches terminals, STATUS= and the journal.
+        last = clean((self.output.strip().splitlines()[-1:] or [""])[0].strip())
         if self.returncode is not None and self.returncode < 0:
-            return f"{name} was killed by signal {-self.returncode}" + (f": {last[0][:300]}" if last[0] else "")
-        return f"{name} exited with status {self.returncode}" + (f": {last[0][:300]}" if last[0] else "")
+            return f"{name} was killed by signal {-self.returncode}" + (f": {last}" if last else "")
+        return f"{name} exited with status {self.returncode}" + (f": {last}" if last else "")
 
 
 class Runner:
@@ -64,15 +70,17 @@ class Runner:
         args = tuple(argv)
         start = self.clock()
         if not args or not os.path.isabs(args[0]):
-            return Completed(args, None, "", 0.0, error=f"{args[0] if args else '(empty)'} is not an absolute path")
+            return Completed(args, None, "", 0.0,
+                             error=f"{clean(args[0]) if args else '(empty)'} is not an absolute path")
         try:
             proc = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 env=self.env, close_fds=True, start_new_session=True, cwd="/",
             )
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in an argument
             return Completed(args, None, "", (self.clock() - start) * 1000,
-                             error=f"cannot run {args[0]}: {exc.strerror or exc}")
+                             error=f"cannot run {clean(args[0])}: {clean(exc.strerror or str(exc))}"
+                             if isinstance(exc, OSError) else f"cannot run {clean(args[0])}: {clean(str(exc))}")
         stdout = proc.stdout
         if stdout is None:  # cannot happen with stdout=PIPE; keeps the type checker honest
             raise RuntimeError("subprocess without stdout pipe")
@@ -90,10 +98,11 @@ class Runner:
                  deadline: float) -> tuple[bytearray, bool, bool]:
         """Read output until the child exits, the deadline passes or tick() asks to stop."""
         out = bytearray()
-        pidfd = os.pidfd_open(proc.pid)
+        pidfd = open_pidfd(proc.pid)
         sel = selectors.DefaultSelector()
         sel.register(stdout, selectors.EVENT_READ)
-        sel.register(pidfd, selectors.EVENT_READ)
+        if pidfd is not None:
+            sel.register(pidfd, selectors.EVENT_READ)
         exited_at: float | None = None
         try:
             while True:
@@ -108,10 +117,11 @@ class Runner:
                     return out, True, False
                 elif self.tick is not None and self.tick():
                     return out, False, True
-                wait = min(TICK, max(0.0, deadline - now)) if exited_at is None else 0.05
+                wait = min(TICK if pidfd is not None else POLL_WITHOUT_PIDFD, max(0.0, deadline - now)) \
+                    if exited_at is None else 0.05
                 for key, _ in sel.select(wait):
                     if key.fileobj is not stdout:
-                        sel.unregister(pidfd)
+                        sel.unregister(key.fileobj)  # the pidfd: exited; proc.poll() reaps it next turn
                         continue
                     chunk = os.read(stdout.fileno(), 65536)
                     if not chunk:
@@ -121,7 +131,35 @@ class Runner:
                         del out[:-OUTPUT_LIMIT]
         finally:
             sel.close()
-            os.close(pidfd)
+            if pidfd is not None:
+                os.close(pidfd)
+
+
+def open_pidfd(pid: int) -> int | None:
+    """A pidfd for the child, or None where the kernel has none (ENOSYS before 5.3) or a seccomp
+    filter denies it (EPERM): the wait then polls instead."""
+    try:
+        return os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        return None
+
+
+def reap_children() -> int:
+    """Reap every child that has exited, without blocking; returns how many.
+
+    Call it only while no Runner.run() is waiting: run() always reaps its own child before it
+    returns, so what is reaped here are orphans re-parented to us (as PID 1 in a container, the
+    background children of a hook).
+    """
+    reaped = 0
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return reaped
+        if pid == 0:
+            return reaped
+        reaped += 1
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

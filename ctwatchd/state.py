@@ -7,16 +7,19 @@ does not look exactly like what we write is ignored with a warning, never passed
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctwatchd.files import FileProblem, read_regular, replace_atomically
+
 VERSION = 1
-TUNING_KEY = re.compile(r"^net\.netfilter\.nf_conntrack_[a-z0-9_]{1,64}$")
-TUNING_VALUE = re.compile(r"^[0-9 \t-]{1,64}$")  # conntrack tunables are integers (some several)
+TUNING_KEY = re.compile(r"net\.netfilter\.nf_conntrack_[a-z0-9_]{1,64}")
+TUNING_VALUE = re.compile(r"[0-9 \t-]{1,64}")  # conntrack tunables are integers (some several)
+BOOT_ID = re.compile(r"[0-9a-f-]{36}")
 MAX_BYTES = 64 * 1024
 
 
@@ -28,33 +31,32 @@ class StateError(Exception):
 class SavedState:
     tuning: dict[str, str]
     conntrack_reloaded: bool
-    restarts: tuple[float, ...] = ()  # CLOCK_MONOTONIC times of docker/hook runs (system-wide clock)
+    restarts: tuple[float, ...] = ()  # CLOCK_MONOTONIC times of docker/hook runs (valid within boot_id)
     status: str = ""  # the daemon's last STATUS= line, for `ctwatchd check`
     conntrack_instance: int | None = None  # so a reload while the daemon was down is noticed
     restarts_owed: bool = False  # docker/hooks still to run after the last reload
+    boot_id: str | None = None  # /proc/sys/kernel/random/boot_id when written: monotonic times need it
+    pid: int | None = None  # the daemon that wrote it
+    written_at: float | None = None  # CLOCK_MONOTONIC when written
+    stopped: bool = False  # written by a daemon on its way out
 
 
 def load(path: Path) -> SavedState | None:
     """None when there is no state file; StateError when there is one we must not trust."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        raw, st = read_regular(path, MAX_BYTES, follow=False)
     except FileNotFoundError:
         return None
+    except FileProblem as exc:
+        raise StateError(str(exc).replace(str(path), "it", 1)) from None
     except OSError as exc:
         raise StateError(f"cannot open it: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise StateError("not a regular file")
-        if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise StateError("owned by another user or writable by group or others")
-        raw = fh.read(MAX_BYTES + 1)
-    if len(raw) > MAX_BYTES:
-        raise StateError(f"larger than {MAX_BYTES} bytes")
+    if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise StateError("owned by another user or writable by group or others")
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise StateError(f"not valid JSON ({exc})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise StateError(f"not valid JSON ({str(exc)[:200]})") from None
     if not isinstance(data, dict) or data.get("version") != VERSION:
         raise StateError(f"not a version {VERSION} ctwatchd state file")
     tuning = data.get("tuning")
@@ -63,41 +65,49 @@ def load(path: Path) -> SavedState | None:
     status = data.get("status", "")
     instance = data.get("conntrack_instance")
     owed = data.get("restarts_owed", False)
+    boot_id = data.get("boot_id")
+    pid = data.get("pid")
+    written_at = data.get("written_at")
+    stopped = data.get("stopped", False)
     if not isinstance(tuning, dict) or not isinstance(reloaded, bool):
         raise StateError("missing or mistyped 'tuning' / 'conntrack_reloaded'")
-    if (not isinstance(restarts, list) or len(restarts) > 1000
-            or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in restarts)):
-        raise StateError("'restarts' is not a list of numbers")
+    if not isinstance(restarts, list) or len(restarts) > 1000 or not all(_time(t) for t in restarts):
+        raise StateError("'restarts' is not a list of finite, non-negative numbers")
     if not isinstance(status, str) or len(status) > 1000:
         raise StateError("'status' is not a short string")
-    if instance is not None and (not isinstance(instance, int) or isinstance(instance, bool)):
+    if instance is not None and not _int(instance):
         raise StateError("'conntrack_instance' is not an integer")
-    if not isinstance(owed, bool):
-        raise StateError("'restarts_owed' is not true or false")
+    if not isinstance(owed, bool) or not isinstance(stopped, bool):
+        raise StateError("'restarts_owed' or 'stopped' is not true or false")
+    if boot_id is not None and not (isinstance(boot_id, str) and BOOT_ID.fullmatch(boot_id)):
+        raise StateError("'boot_id' is not a boot id")
+    if pid is not None and not (_int(pid) and 0 < pid < 1 << 32):
+        raise StateError("'pid' is not a process id")
+    if written_at is not None and not _time(written_at):
+        raise StateError("'written_at' is not a finite, non-negative number")
     for key, value in tuning.items():
-        if not (isinstance(key, str) and TUNING_KEY.match(key) and isinstance(value, str)
-                and TUNING_VALUE.match(value)):
-            raise StateError(f"unexpected tuning entry {key!r}")
-    return SavedState(dict(tuning), reloaded, tuple(float(t) for t in restarts), status, instance, owed)
+        if not (isinstance(key, str) and TUNING_KEY.fullmatch(key) and isinstance(value, str)
+                and TUNING_VALUE.fullmatch(value)):
+            raise StateError(f"unexpected tuning entry {key[:100]!r}")
+    return SavedState(dict(tuning), reloaded, tuple(float(t) for t in restarts), status, instance, owed,
+                      boot_id, pid, None if written_at is None else float(written_at), stopped)
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -(1 << 63) <= value < 1 << 63
+
+
+def _time(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def save(path: Path, state: SavedState) -> None:
-    """Replace the state file atomically; raises OSError for the caller to report."""
+    """Replace the state file atomically (mode 0600); raises OSError for the caller to report."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     data = json.dumps({"version": VERSION, "tuning": state.tuning, "conntrack_reloaded": state.conntrack_reloaded,
                        "restarts": list(state.restarts), "status": state.status,
-                       "conntrack_instance": state.conntrack_instance, "restarts_owed": state.restarts_owed},
+                       "conntrack_instance": state.conntrack_instance, "restarts_owed": state.restarts_owed,
+                       "boot_id": state.boot_id, "pid": state.pid, "written_at": state.written_at,
+                       "stopped": state.stopped},
                       sort_keys=True).encode()
-    fd, tmp = tempfile.mkstemp(prefix=".state-", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        os.unlink(tmp)
-        raise
+    replace_atomically(path, data, 0o600)

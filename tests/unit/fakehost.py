@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 RELEASE = "6.1.0-28-amd64"
+BOOT_ID = "6f1c2a9e-3b4d-4e5f-8a7b-9c0d1e2f3a4b"
 
 # module -> (path in modules.dep, dependencies)
 MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -48,6 +49,8 @@ class FakeHost:
         self.modules = dict(MODULES if modules is None else modules)
         (root / "proc/sys/kernel").mkdir(parents=True)
         (root / "proc/sys/kernel/osrelease").write_text(release + "\n")
+        (root / "proc/sys/kernel/random").mkdir()
+        (root / "proc/sys/kernel/random/boot_id").write_text(BOOT_ID + "\n")
         (root / "proc/sys/net").mkdir(parents=True)
         (root / "sys/module").mkdir(parents=True)
         (root / "etc/modprobe.d").mkdir(parents=True)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import io
+import contextlib
+import errno
 import os
 import re
 import socket
 import struct
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -109,11 +112,102 @@ def test_oversized_record_goes_by_memfd(tmp_path: Path) -> None:
 
 
 def test_missing_journal_socket_falls_back_to_stderr(tmp_path: Path) -> None:
-    """If journald is gone, the record still reaches stderr and nothing raises."""
-    err = io.StringIO()
-    sink = audit.JournalSink(str(tmp_path / "absent.sock"), fallback=err)
-    assert not sink.send({"MESSAGE": "restore ok"})
-    assert "restore ok" in err.getvalue()
+    """If journald is gone, the record still reaches stderr (here a real pipe) and nothing raises."""
+    r, w = os.pipe()
+    try:
+        sink = audit.JournalSink(str(tmp_path / "absent.sock"), fallback=audit.SafeStream(w))
+        assert not sink.send({"MESSAGE": "restore ok\x1b[2J"})
+        line = os.read(r, 4096).decode()
+    finally:
+        os.close(r)
+        os.close(w)
+    assert line == "ctwatchd: restore ok\\x1b[2J [journal: No such file or directory]\n"
+
+
+def test_full_stderr_pipe_never_blocks_and_the_loss_is_counted() -> None:
+    """A stderr nobody reads (a full pipe) costs a dropped line, never a blocked daemon; the count is
+    said with the next line that gets through."""
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    try:
+        os.set_blocking(w, False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(w, b"x" * 65536)
+        os.set_blocking(w, True)  # as stderr is: a plain write now would block forever
+        stream = audit.SafeStream(w)
+        done = threading.Event()
+
+        def write() -> None:
+            for _ in range(50):
+                stream.write_line("restore ok")
+            done.set()
+
+        threading.Thread(target=write, daemon=True).start()
+        assert done.wait(5), "SafeStream blocked on a full pipe"
+        assert stream.dropped == 50
+        with contextlib.suppress(BlockingIOError):
+            while os.read(r, 1 << 20):
+                pass
+        assert stream.write_line("after")
+        assert os.read(r, 4096) == b"ctwatchd: 50 log line(s) dropped: stderr was not writable\nafter\n"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_stderr_reader_gone_is_not_an_exception() -> None:
+    """EPIPE (the reader closed) ends the writing quietly instead of raising out of a log call."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        stream = audit.SafeStream(w)
+        assert not stream.write_line("one") and stream.closed
+        assert not stream.write_line("two")
+    finally:
+        os.close(w)
+
+
+def test_stderr_socket_is_written_without_blocking() -> None:
+    """Under systemd stderr is the journal's stream socket: a full one drops lines instead of blocking."""
+    a, b = socket.socketpair()
+    try:
+        a.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                a.send(b"x" * 65536)
+        a.setblocking(True)
+        stream = audit.SafeStream(a.fileno())
+        started = time.monotonic()
+        assert not stream.write_line("restore ok")
+        assert time.monotonic() - started < 1 and stream.dropped == 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_an_oversized_journal_record_that_cannot_go_by_memfd_falls_back(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """memfd_create failing (an old kernel, a seccomp filter) is a fallback line, not an exception."""
+    path = str(tmp_path / "journal.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    server.bind(path)
+    r, w = os.pipe()
+
+    def no_memfd(*_: object) -> int:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(os, "memfd_create", no_memfd)
+    try:
+        sink = audit.JournalSink(path, fallback=audit.SafeStream(w))
+        sink.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        assert not sink.send({"MESSAGE": "big", "CTWATCHD_DETAIL": "x" * 400_000})
+        assert os.read(r, 4096).startswith(b"ctwatchd: big [journal: Message too long]")
+    finally:
+        server.close()
+        os.close(r)
+        os.close(w)
 
 
 def test_journal_stream_must_match_stderr(tmp_path: Path) -> None:
@@ -148,9 +242,19 @@ def test_configured_journal_logger_sends_structlog_events(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("fmt", [LogFormat.CONSOLE, LogFormat.JSON])
-def test_terminal_formats_are_one_line_per_event(capsys: pytest.CaptureFixture[str], fmt: LogFormat) -> None:
-    """On a terminal each event is one readable (or JSON) line on stderr."""
+def test_terminal_formats_are_one_line_per_event(capfd: pytest.CaptureFixture[str], fmt: LogFormat) -> None:
+    """On a terminal each event is one readable (or JSON) line on stderr (file descriptor 2)."""
     audit.configure(fmt, env={})
     structlog.get_logger().info("restore.finished", result="ok", duration_ms=41.0)
-    err = capsys.readouterr().err.strip().splitlines()
+    err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "restore ok in 41.0 ms" in err[0]
+
+
+def test_console_lines_escape_terminal_control_sequences(capfd: pytest.CaptureFixture[str]) -> None:
+    """A hook's output with an OSC title sequence and BEL is shown escaped, never interpreted."""
+    audit.configure(LogFormat.CONSOLE, env={})
+    structlog.get_logger().error("restore.step", action="run-hook", result="failed",
+                                 detail="/hook exited with status 1: \x1b]0;owned\x07\x1b[2J")
+    err = capfd.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err
+    assert "\\x1b]0;owned\\x07" in err

@@ -151,7 +151,7 @@ def test_tuning_snapshot_is_reapplied_after_conntrack_reload() -> None:
     s = decide(CFG, CoreState(), obs(tuning=TUNED), 0.0).state
     assert s.tuning == TUNED
     d = decide(CFG, s, obs(nf_conntrack=A, nf_nat=A, count=None, tuning={}), 1.0)
-    writes = dict(next(st for st in d.plan.steps if st.kind is StepKind.WRITE_SYSCTLS).sysctls)
+    writes = dict(next(st for st in d.plan.steps if st.kind is StepKind.RESTORE_TUNING).sysctls)
     assert writes["net.netfilter.nf_conntrack_max"] == "1048576"
     assert writes["net.netfilter.nf_conntrack_tcp_timeout_established"] == "7200"
 
@@ -176,8 +176,9 @@ def test_sysctl_config_wins_over_snapshot() -> None:
     s = decide(cfg, CoreState(), obs(tuning=TUNED, sysctls={**BRIDGE, "net.netfilter.nf_conntrack_max": "500000"}),
                0.0).state
     d = decide(cfg, s, obs(nf_conntrack=A, count=None), 1.0)
-    writes = dict(d.plan.steps[-1].sysctls)
-    assert writes["net.netfilter.nf_conntrack_max"] == "500000"
+    kinds = {st.kind: dict(st.sysctls) for st in d.plan.steps}
+    assert kinds[StepKind.WRITE_SYSCTLS]["net.netfilter.nf_conntrack_max"] == "500000"
+    assert "net.netfilter.nf_conntrack_max" not in kinds[StepKind.RESTORE_TUNING]
 
 
 def test_keep_conntrack_tuning_off_takes_no_snapshot() -> None:

@@ -106,7 +106,7 @@ def test_overrun_resyncs_from_sys(h: Harness) -> None:
 
 def test_closed_monitor_falls_back_to_polling_and_reopens(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """A dead monitor is dropped, polling goes on, and a new monitor is opened later."""
-    monkeypatch.setattr("ctwatchd.daemon.MONITOR_RETRY", 0.3)
+    monkeypatch.setattr("ctwatchd.uevents.MONITOR_RETRY", 0.3)
 
     def driver() -> None:
         h.wait_notify("READY=1")

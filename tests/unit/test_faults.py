@@ -249,9 +249,10 @@ def test_module_built_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         next(m for m in h.messages if "READY=1" in m)
 
 
-def test_module_blacklisted_in_modprobe_d(h: Harness) -> None:
-    """`blacklist br_netfilter` in /usr/lib/modprobe.d: named once, never loaded; nf_nat is still restored."""
-    h.host.block("blacklist br_netfilter", file="bl.conf", directory="usr/lib/modprobe.d")
+def test_module_blocked_in_modprobe_d(h: Harness) -> None:
+    """`install br_netfilter /bin/false` in /usr/lib/modprobe.d: named once, never loaded; nf_nat is still
+    restored."""
+    h.host.block("install br_netfilter /bin/false", file="bl.conf", directory="usr/lib/modprobe.d")
     h.host.unload("br_netfilter")
     h.host.unload("nf_nat")
 
@@ -263,9 +264,26 @@ def test_module_blacklisted_in_modprobe_d(h: Harness) -> None:
     assert code == 0
     blocked = events(logs, "module.blocked")
     assert len(blocked) == 1
-    assert blocked[0]["blocker"] == "'blacklist br_netfilter' in /usr/lib/modprobe.d/bl.conf:1"
+    assert blocked[0]["blocker"] == "'install br_netfilter /bin/false' in /usr/lib/modprobe.d/bl.conf:1"
     assert h.host.modprobe_calls() == ["nf_nat"] and not h.host.is_live("br_netfilter")
     assert events(logs, "restore.finished")[0]["result"] == "ok"
+
+
+def test_blacklist_is_a_note_and_the_module_is_restored(h: Harness) -> None:
+    """`blacklist br_netfilter` does not stop `modprobe br_netfilter` (modprobe(8)): one note naming the
+    file and line, and the module comes back like any other."""
+    h.host.block("blacklist br_netfilter", file="bl.conf", directory="usr/lib/modprobe.d")
+    h.host.unload("br_netfilter")
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        time.sleep(0.4)
+
+    code, logs, _ = run_daemon(h.daemon(cfg_for(h.host, poll_interval=0.1)), driver)
+    assert code == 0 and h.host.is_live("br_netfilter") and h.host.modprobe_calls() == ["br_netfilter"]
+    notes = events(logs, "module.note")
+    assert len(notes) == 1 and "'blacklist br_netfilter' in /usr/lib/modprobe.d/bl.conf:1" in notes[0]["note"]
+    assert not events(logs, "module.blocked")
 
 
 @pytest.mark.parametrize("stuck", ["going", "coming"])
@@ -657,7 +675,7 @@ def test_notify_socket_full(h: Harness, tmp_path: Path, monkeypatch: pytest.Monk
 
 # == journald =====================================================================================
 
-def test_journald_socket_missing(h: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_journald_socket_missing(h: Harness, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """journald gone: every record falls back to one stderr line naming the journal error; work goes on."""
     audit.configure(LogFormat.JOURNAL, journal_socket=str(tmp_path / "no-journal.sock"))
     h.host.unload("nf_nat")
@@ -666,34 +684,53 @@ def test_journald_socket_missing(h: Harness, tmp_path: Path, capsys: pytest.Capt
         h.wait_notify("READY=1")
 
     code, _, _ = run_daemon(h.daemon(cfg_for(h.host)), driver, capture=False)
-    err = capsys.readouterr().err.splitlines()
+    err = capfd.readouterr().err.splitlines()
     assert code == 0 and h.host.is_live("nf_nat")
     assert any(line.startswith("ctwatchd: restore ok in ") for line in err)
     assert all(line.endswith("[journal: No such file or directory]") for line in err if line.startswith("ctwatchd:"))
     assert any("ctwatchd stopping on SIGTERM" in line for line in err)
 
 
-def test_journald_socket_full(h: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """journald stalled (its socket full, nobody reading): sends fail with EAGAIN at once instead of
-    blocking; records fall back to stderr; restore and stop are prompt."""
+def test_journald_socket_full_and_stderr_stalled(h: Harness, tmp_path: Path) -> None:
+    """journald stalled (its socket full, nobody reading) and stderr a full pipe nobody reads, as when
+    the journal stops reading its stream: sends fail with EAGAIN at once, fallback lines are dropped
+    and counted instead of blocking; the restore, the watchdog pings and the stop are all prompt."""
     path = str(tmp_path / "journal.sock")
     server = fill_dgram(path)
-    audit.configure(LogFormat.JOURNAL, journal_socket=path)
-    h.host.unload("nf_nat")
-
-    def driver() -> None:
-        h.wait_notify("READY=1")
-
-    t0 = time.monotonic()
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(w, b"x" * 65536)
+    os.set_blocking(w, True)  # a blocking write to it now never returns
+    saved_stderr = os.dup(2)
+    os.dup2(w, 2)
     try:
-        code, _, stopped_in = run_daemon(h.daemon(cfg_for(h.host)), driver, capture=False)
+        audit.configure(LogFormat.JOURNAL, journal_socket=path)
+        h.host.unload("nf_nat")
+        env = {"WATCHDOG_USEC": "200000"}
+
+        def driver() -> None:
+            h.wait_notify("READY=1")
+            h.wait_for(lambda: h.host.is_live("nf_nat"))
+            before = sum("WATCHDOG=1" in m for m in h.read_notify())
+            time.sleep(0.5)
+            assert sum("WATCHDOG=1" in m for m in h.read_notify()) - before >= 3
+
+        t0 = time.monotonic()
+        code, _, stopped_in = run_daemon(h.daemon(cfg_for(h.host), env=env), driver, capture=False)
     finally:
+        os.dup2(saved_stderr, 2)
+        os.close(saved_stderr)
         server.close()
-    err = capsys.readouterr().err.splitlines()
+    os.set_blocking(r, False)
+    with contextlib.suppress(BlockingIOError):
+        while os.read(r, 1 << 20):
+            pass
+    os.close(r)
+    os.close(w)
     assert code == 0 and h.host.is_live("nf_nat")
-    assert time.monotonic() - t0 < 5 and stopped_in < 2
-    eagain = f"[journal: {os.strerror(errno.EAGAIN)}]"
-    assert any(line.startswith("ctwatchd: restore ok in ") and line.endswith(eagain) for line in err)
+    assert time.monotonic() - t0 < 10 and stopped_in < 2
 
 
 # == uevents ======================================================================================
@@ -730,7 +767,7 @@ def test_closed_monitor_polling_restores(h: Harness) -> None:
 
     d = h.daemon(cfg_for(h.host, poll_interval=0.2))
     code, logs, _ = run_daemon(d, driver)
-    assert code == 0 and h.monitors == 1 and d.monitor is None and d.monitor_retry_at is not None
+    assert code == 0 and h.monitors == 1 and d.monitor.source is None and d.monitor.retry_at is not None
     failed = events(logs, "monitor.failed")
     assert len(failed) == 1 and failed[0]["detail"] == "MonitorClosed: socket closed (test)"
     assert not events(logs, "module.event") and h.host.modprobe_calls() == ["br_netfilter"]
@@ -1222,7 +1259,10 @@ def test_hostile_saved_state_bypassing_the_loader_stays_under_proc_sys(loaded: F
     for m in ("br_netfilter", "nf_nat", "nf_conntrack"):  # a conntrack load writes the whole snapshot back
         loaded.unload(m)
     cfg = replace(Config(modprobe=str(loaded.modprobe)), sysctls=())
-    result, _, _ = restore_once(cfg, loaded, state=core.core_state(saved))
+    result, logs, _ = restore_once(cfg, loaded, state=core.CoreState(tuning=saved.tuning, conntrack_reloaded=True))
     assert not outside.exists()
-    assert result.failed is not None and "is not a dotted sysctl name" in result.failed.detail
+    bad = [e for e in events(logs, "sysctl.write") if "evil" in e["key"]]
+    assert len(bad) == 1 and bad[0]["result"] == "dropped" and "is not a dotted sysctl name" in bad[0]["detail"]
+    tuning = next(r for r in result.results if r.step.kind is StepKind.RESTORE_TUNING)
+    assert tuning.dropped == ("net.netfilter.nf_conntrack_max/../../../evil",)
     assert loaded.read_sysctl("net.netfilter.nf_conntrack_max") == "999"

@@ -78,20 +78,34 @@ def test_boot_config_is_the_fallback_for_config_gz(host: FakeHost) -> None:
     ("install nf_conntrack /bin/true", True),
     ("install nf_conntrack /bin/false", True),
     ("install nf-conntrack /usr/bin/true", True),
-    ("blacklist nf_conntrack", True),
+    ("install nf_conntrack /bin/sh -c 'exit 0'", True),
     ("install nf_conntrack \\\n  /bin/true", True),
+    ("blacklist nf_conntrack", False),  # modprobe ignores it for a module named on its command line
     ("# install nf_conntrack /bin/true", False),
     ("install nf_conntrack /sbin/modprobe --ignore-install nf_conntrack", False),
+    ("install nf_conntrack /sbin/modprobe --ignore-install nf_conntrack && /bin/echo ok", False),
     ("options nf_conntrack hashsize=1", False),
+    ("remove nf_conntrack /bin/false", False),
 ])
 def test_modprobe_d_blockers(host: FakeHost, line: str, blocked: bool) -> None:
-    """install … /bin/true|false and blacklist block a module that is not loaded."""
+    """An install rule that does not itself load the module blocks it; blacklist does not."""
     path = host.block(line)
     st = KernelProbe(host.root).status("nf_conntrack", KernelProbe(host.root).facts())
     assert (st.state is ModuleState.BLOCKED) is blocked
     if blocked:
         assert st.blocker is not None and "/etc/modprobe.d/protect.conf:1" in st.blocker
         assert path.name in st.detail
+    else:
+        assert st.state is ModuleState.ABSENT and st.blocker is None
+
+
+def test_blacklist_is_a_note_and_the_module_is_restored(host: FakeHost) -> None:
+    """`blacklist` stops aliases, not `modprobe nf_conntrack`: the module is absent (restorable) and the
+    rule is carried as a note naming file and line."""
+    host.block("blacklist nf_conntrack")
+    st = KernelProbe(host.root).status("nf_conntrack", KernelProbe(host.root).facts())
+    assert st.state is ModuleState.ABSENT
+    assert st.note is not None and "/etc/modprobe.d/protect.conf:1" in st.note and "blacklist" in st.note
 
 
 def test_blocker_of_a_live_module_is_reported_not_a_state(loaded: FakeHost) -> None:
@@ -103,7 +117,7 @@ def test_blocker_of_a_live_module_is_reported_not_a_state(loaded: FakeHost) -> N
 
 def test_etc_file_hides_same_name_in_lib(host: FakeHost) -> None:
     """modprobe.d(5): /etc/modprobe.d/x.conf overrides /lib/modprobe.d/x.conf."""
-    host.block("blacklist nf_nat", file="x.conf", directory="lib/modprobe.d")
+    host.block("install nf_nat /bin/false", file="x.conf", directory="lib/modprobe.d")
     assert state(host, "nf_nat") is ModuleState.BLOCKED
     host.block("options nf_nat foo=1", file="x.conf", directory="etc/modprobe.d")
     assert state(host, "nf_nat") is ModuleState.ABSENT

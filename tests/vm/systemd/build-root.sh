@@ -44,7 +44,12 @@ build() {
   [[ $EUID -eq 0 ]] || { echo "build-root: debootstrap needs root" >&2; exit 1; }
   url=$(mirror)
   [[ -n $url ]] || { echo "build-root: no Debian mirror found" >&2; exit 1; }
-  command -v debootstrap >/dev/null || { echo "build-root: apt-get install debootstrap" >&2; exit 1; }
+  if ! command -v debootstrap >/dev/null; then
+    # A fresh CI machine has no debootstrap: install it (we are root here, see above).
+    timeout 600 apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
+  fi
+  command -v debootstrap >/dev/null || { echo "build-root: apt-get install debootstrap failed" >&2; exit 1; }
   rm -rf "$tmp" "$root"
   mkdir -p "$cache"
   echo "build-root: debootstrap $suite from $url into $root" >&2
