@@ -8,11 +8,11 @@ says so explicitly.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from ctwatchd.files import replace_atomically
 from ctwatchd.model import ModuleState, Observation, RestoreResult, StepKind
 
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -31,7 +31,7 @@ class Metrics:
                 f"[metrics] textfile = {str(path)!r} needs the Python package prometheus_client "
                 "(pip install 'ctwatchd[metrics]', or Debian's python3-prometheus-client)") from exc
         self.path = path
-        self._write = prom.write_to_textfile
+        self._render = prom.generate_latest
         self.registry = prom.CollectorRegistry()
         r = self.registry
         self.module_state = prom.Gauge("ctwatchd_module_state", "1 for the state each watched module is in.",
@@ -77,13 +77,11 @@ class Metrics:
         self.duration.observe(result.duration_ms / 1000)
 
     def write(self) -> None:
-        """Atomic replace (temp file + rename in the same directory); raises OSError to the caller.
+        """Atomic replace in prometheus_client's format; raises OSError to the caller.
 
-        Written 0644 whatever the umask (the unit's UMask=0077): node_exporter usually runs as
-        another user and must be able to read it. The metrics hold nothing secret.
+        Not prometheus_client's write_to_textfile: it opens `<path>.<pid>.<tid>` with a plain open()
+        as root, in a directory node_exporter's user often owns, so a planted symlink there would be
+        followed. files.replace_atomically never follows one. Mode 0644 whatever the umask (the
+        unit's UMask=0077): node_exporter runs as another user; the metrics hold nothing secret.
         """
-        old = os.umask(0o022)
-        try:
-            self._write(str(self.path), self.registry)
-        finally:
-            os.umask(old)
+        replace_atomically(self.path, self._render(self.registry), 0o644, fsync=False)
