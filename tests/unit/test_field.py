@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from fakehost import BOOT_ID, FakeHost
-from harness import ALL, Harness, cfg_for, events, run_daemon
+from harness import ALL, Harness, cfg_for, events
 
 from ctwatchd import cli, core, files
 from ctwatchd import state as statefile
@@ -100,8 +101,8 @@ def test_daemon_with_a_cyrillic_blocker_file_stays_up(h: Harness) -> None:
 
 
 def test_config_error_with_a_non_latin1_character_is_exit_2(tmp_path: Path) -> None:
-    """`docker = "if‑active"` with U+2011 copied from a rendered man page: exit 2 (RestartPreventExitStatus),
-    and systemd gets the error in STATUS=, in UTF-8."""
+    """`docker = "if\u2011active"` (U+2011, a non-breaking hyphen) copied from a rendered man page: exit 2
+    (RestartPreventExitStatus), and systemd gets the error in STATUS=, in UTF-8."""
     cfg = tmp_path / "c.toml"
     cfg.write_text('[restore]\ndocker = "if\u2011active"\n', encoding="utf-8")
     path = str(tmp_path / "notify.sock")
@@ -260,7 +261,7 @@ def test_restart_times_in_the_future_are_refused() -> None:
 def test_state_loader_refuses_non_finite_or_negative_times(tmp_path: Path, value: str) -> None:
     """`restarts: [Infinity]` would keep the breaker open forever: the whole file is refused."""
     path = tmp_path / "state.json"
-    path.write_text('{"version": 1, "tuning": {}, "conntrack_reloaded": false, "restarts": [%s]}' % value)
+    path.write_text('{"version": 1, "tuning": {}, "conntrack_reloaded": false, "restarts": [' + value + "]}")
     path.chmod(0o600)
     with pytest.raises(statefile.StateError, match="'restarts'"):
         statefile.load(path)
@@ -276,7 +277,7 @@ def test_breaker_from_a_previous_boot_does_not_hold_back_the_hook(h: Harness, tm
 
     def driver() -> None:
         h.wait_notify("READY=1")
-        h.wait_for(lambda: runs.exists())
+        h.wait_for(runs.exists)
 
     cfg = cfg_for(h.host, hooks=(("/bin/sh", "-c", f"echo ran >> {runs}"),), max_restarts=1)
     code, logs = h.run(h.daemon(cfg), driver)
@@ -353,8 +354,8 @@ def test_reload_moves_the_state_file_and_switches_the_log_format(h: Harness) -> 
 
     def driver() -> None:
         h.wait_notify("READY=1")
-        os.kill(os.getpid(), __import__("signal").SIGHUP)
-        h.wait_for(lambda: new_state.exists())
+        os.kill(os.getpid(), signal.SIGHUP)
+        h.wait_for(new_state.exists)
         h.host.unload("nf_nat")
         h.monitor.send("remove nf_nat")
         h.wait_for(lambda: h.host.is_live("nf_nat"))
