@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from ctwatchd.model import (
     ModuleStatus,
     Observation,
     Outcome,
+    RestorePlan,
     RestoreResult,
     StepKind,
     StepResult,
@@ -40,13 +42,13 @@ BRIDGE = "net.bridge.bridge-nf-call-iptables"
 MAX = "net.netfilter.nf_conntrack_max"
 
 
-def live_obs(sysctls: dict[str, str | None], tuning: dict[str, str] | None = None,
+def live_obs(sysctls: Mapping[str, str | None], tuning: dict[str, str] | None = None,
              instance: int = 7) -> Observation:
     mods = {m: ModuleStatus(m, ModuleState.LIVE, "", None, instance if m == "nf_conntrack" else 1) for m in ALL}
     return Observation("6.1.0-28-amd64", mods, sysctls, 0, tuning or {})
 
 
-def ok(plan: core.RestorePlan, dropped: tuple[str, ...] = ()) -> RestoreResult:
+def ok(plan: RestorePlan, dropped: tuple[str, ...] = ()) -> RestoreResult:
     return RestoreResult(plan, tuple(StepResult(s, Outcome.OK, 1.0, "", dropped) for s in plan.steps), 1.0)
 
 
@@ -218,7 +220,7 @@ def test_executor_drops_a_snapshot_key_the_kernel_refuses(loaded: FakeHost) -> N
     forever as a failed restore."""
     from ctwatchd.executor import Executor
     from ctwatchd.kernel import KernelProbe
-    from ctwatchd.model import RestorePlan, Step
+    from ctwatchd.model import Step
     from ctwatchd.runner import Runner
 
     target = loaded.sysctl("net.netfilter.nf_conntrack_tcp_loose")
@@ -307,7 +309,7 @@ def test_metrics_write_never_follows_a_planted_symlink(tmp_path: Path) -> None:
 
 def test_atomic_replace_refuses_a_planted_temporary_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Even a guessed temporary name is not followed: O_EXCL|O_NOFOLLOW fails instead."""
-    monkeypatch.setattr(files.secrets, "token_hex", lambda _n: "guessed")
+    monkeypatch.setattr("ctwatchd.files.secrets.token_hex", lambda _n: "guessed")
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
     (tmp_path / ".out.guessed.tmp").symlink_to(victim)
