@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from guestlib import initstate, json_log, read, stop_daemon, sysctl, wait_for
+from guestlib import initstate, instance, json_log, read, stop_daemon, sysctl, wait_for
 
 RESULTS = Path(sys.argv[1])
 # Hooks run as root, so ctwatchd refuses them below group/world-writable directories such as /tmp:
@@ -29,19 +30,11 @@ VIP, PORT = "10.233.9.9", 80  # the "published port": DNAT'ed to the server in i
 SERVER, CLIENT, GATEWAY = "10.233.0.2", "10.233.0.3", "10.233.0.1"
 
 
-
-
-
-
-
-
 def sh(*argv: str, timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess[str]:
     p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     if check and p.returncode != 0:
         raise RuntimeError(f"{argv}: {p.returncode}: {p.stdout}{p.stderr}")
     return p
-
-
 
 
 def healthy() -> bool:
@@ -50,13 +43,20 @@ def healthy() -> bool:
             and all(sysctl(k) == v for k, v in BRIDGE.items()))
 
 
-def unload_with_holders(module: str, removed: list[str]) -> None:
-    """rmmod a module after everything that holds it, deepest first (what a firewall reload does)."""
-    holders = Path(f"/sys/module/{module}/holders")
-    for h in sorted(os.listdir(holders)) if holders.is_dir() else []:
-        unload_with_holders(h, removed)
-    if initstate(module) is not None and sh("rmmod", module).returncode == 0:
-        removed.append(module)
+def holders_first(modules: tuple[str, ...]) -> list[str]:
+    """The modules and everything holding them, holders deepest first: one `rmmod` line for a reload."""
+    out: list[str] = []
+
+    def visit(module: str) -> None:
+        holders = Path(f"/sys/module/{module}/holders")
+        for h in sorted(os.listdir(holders)) if holders.is_dir() else []:
+            visit(h)
+        if module not in out and initstate(module) is not None:
+            out.append(module)
+
+    for m in modules:
+        visit(m)
+    return out
 
 
 def hook(name: str, body: str) -> Path:
@@ -157,19 +157,26 @@ def phase_traffic() -> None:
             res["dnat_before"] = request(f"http://{VIP}:{PORT}/")
             res["bridged_before"] = request(f"http://{SERVER}:8080/", "cli")
             res["forward_counter_rose"] = forward_packets() > before
-            # The "firewall reload": the ruleset goes (releasing nft_chain_nat), then the modules.
-            t0 = time.monotonic()
-            res["flush"] = sh("nft", "flush", "ruleset").returncode
-            removed: list[str] = []
-            for m in ("br_netfilter", "nf_nat", "nf_conntrack"):
-                unload_with_holders(m, removed)
-            res["removed"] = removed
-            res["dnat_during"] = request(f"http://{VIP}:{PORT}/", timeout=1.0)
+            # The "firewall reload": the ruleset goes (releasing nft_chain_nat), then the modules, holders
+            # first, in one rmmod. The daemon is held (SIGSTOP) meanwhile, so the test never races its
+            # restore: every module is judged removed by its new /sys/module instance, not by timing.
+            before_inst = {m: instance(m) for m in MODULES}
+            os.kill(d["pid"], signal.SIGSTOP)
+            try:
+                res["flush"] = sh("nft", "flush", "ruleset").returncode
+                names = holders_first(MODULES)
+                res["rmmod"] = sh("rmmod", *names).returncode
+                res["removed"] = [m for m in names if initstate(m) is None]
+                res["dnat_during"] = request(f"http://{VIP}:{PORT}/", timeout=1.0)
+            finally:
+                t0 = time.monotonic()
+                os.kill(d["pid"], signal.SIGCONT)
             res["removal_to_request_ok_s"] = wait_for(lambda: request(f"http://{VIP}:{PORT}/", timeout=1.0),
                                                       120, 0.05)
             if res["removal_to_request_ok_s"] is not None:
                 res["removal_to_request_ok_s"] = round(time.monotonic() - t0, 3)
             res["restored"] = healthy()
+            res["new_instances"] = all(instance(m) not in (None, before_inst[m]) for m in MODULES)
             before = forward_packets()
             res["bridged_after"] = request(f"http://{SERVER}:8080/", "cli")
             res["forward_counter_rose_after"] = forward_packets() > before
@@ -211,10 +218,13 @@ def phase_blocker() -> None:
     sh("mount", "--bind", str(shadow), "/etc/modprobe.d", check=True)
     Path("/etc/modprobe.d/protect-conntrack.conf").write_text("install nf_conntrack /bin/true\n")
     with daemon("blocker", "") as d:
-        removed: list[str] = []
-        for m in ("br_netfilter", "nf_nat", "nf_conntrack"):
-            unload_with_holders(m, removed)
-        d["removed"] = removed
+        os.kill(d["pid"], signal.SIGSTOP)  # held: the unload cannot race a restore
+        try:
+            names = holders_first(MODULES)
+            d["rmmod"] = sh("rmmod", *names).returncode
+            d["removed"] = [m for m in names if initstate(m) is None]
+        finally:
+            os.kill(d["pid"], signal.SIGCONT)
         d["br_netfilter_back_s"] = wait_for(lambda: initstate("br_netfilter") == "live", 90)
         time.sleep(7)  # three polls: the daemon must not loop on the blocked module
         d["states_while_blocked"] = {m: initstate(m) for m in MODULES}

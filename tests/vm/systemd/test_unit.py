@@ -102,6 +102,27 @@ fact broken_status "$(prop StatusText)"
 systemctl status --no-pager ctwatchd.service > $R/broken_status.txt 2>&1
 fact exit_status "$(prop ExecMainStatus)"
 cp /root/good.toml /etc/ctwatchd/ctwatchd.toml
+
+# 7. pidfd_open denied, as on kernels before 5.3 (or under a stricter seccomp policy): the runner
+#    falls back to polling for its children, and a restore still works.
+printf '[Service]\nSystemCallFilter=~pidfd_open:ENOSYS\n' \
+    > /etc/systemd/system/ctwatchd.service.d/test-nopidfd.conf
+systemctl daemon-reload
+systemctl reset-failed ctwatchd.service 2>/dev/null
+systemctl start ctwatchd.service; fact nopidfd_start_rc $?
+fact nopidfd_in_filter "$(prop SystemCallFilter | tr ' ' '\n' | grep -c '^pidfd_open$')"
+fact nopidfd_probe "$(systemd-run --wait --pipe --quiet -p SystemCallFilter=~pidfd_open:ENOSYS \
+    /opt/ctwatchd/bin/python3 -c 'import os
+try:
+    os.pidfd_open(os.getpid()); print("allowed")
+except OSError as e:
+    print(e.errno)' 2>&1 | tail -n1)"
+since=$(date +%s)
+rmmod br_netfilter nf_nat; fact nopidfd_rmmod_rc $?
+wait_until live 60 && fact restored_without_pidfd yes || fact restored_without_pidfd no
+sleep 1
+journalctl -u ctwatchd -o json --since "@$since" CTWATCHD_EVENT=restore.step > $R/nopidfd_steps.json
+rm -f /etc/systemd/system/ctwatchd.service.d/test-nopidfd.conf
 true
 """
 
@@ -199,6 +220,18 @@ def test_reload_valid_then_invalid_keeps_running_and_logs_why(run: dict[str, Any
     rejected = jlines(run["dir"] / "rejected.json")
     assert rejected and "modules[0] must be a plain module name" in rejected[0]["CTWATCHD_ERROR"]
     assert f["restored_after_bad_reload"] == "yes"
+
+
+def test_restore_works_when_pidfd_open_is_denied(run: dict[str, Any]) -> None:
+    """With pidfd_open denied (ENOSYS, as before Linux 5.3) the runner polls for its children: modprobe's
+    exit is still seen and the sandboxed daemon restores."""
+    f = run["facts"]
+    assert f["nopidfd_start_rc"] == "0" and f["nopidfd_in_filter"] == "0"
+    assert f["nopidfd_probe"] == "38"  # ENOSYS: the drop-in's filter really denies it
+    assert f["nopidfd_rmmod_rc"] == "0" and f["restored_without_pidfd"] == "yes"
+    steps = jlines(run["dir"] / "nopidfd_steps.json")
+    loads = [r for r in steps if r.get("ACTION") == "load-module"]
+    assert {r["MODULE"] for r in loads} == {"nf_nat", "br_netfilter"} and all(r["RESULT"] == "ok" for r in loads)
 
 
 def test_broken_config_at_start_fails_once_with_a_clear_status(run: dict[str, Any]) -> None:
