@@ -141,7 +141,10 @@ def encode_journal(fields: Mapping[str, str]) -> bytes:
     return bytes(buf)
 
 
-LINE_LIMIT = 4096  # PIPE_BUF: a line this long goes into a pipe whole, or not at all, never blocking
+# Longer lines are cut. Up to PIPE_BUF (4096) a line enters a pipe whole or not at all; a longer one
+# may go in pieces, as long as the reader keeps taking them at once.
+LINE_LIMIT = 65536
+PIPE_BUF = 4096
 
 
 class SafeStream:
@@ -174,32 +177,37 @@ class SafeStream:
         data = line.encode("utf-8", "backslashreplace")
         if len(data) > LINE_LIMIT:
             data = data[:LINE_LIMIT - 4] + b"...\n"
+        view = memoryview(data)
         try:
-            if self._sock is not None:
-                sent = self._sock.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-            else:
-                poller = select.poll()
-                poller.register(self.fd, select.POLLOUT)
-                if not poller.poll(0):
-                    self.dropped += 1
-                    return False
-                sent = os.write(self.fd, data)
-        except (BlockingIOError, InterruptedError):
-            self.dropped += 1
-            return False
+            # A file or a 9p/NFS share may take a line in pieces: go on while it takes more at once.
+            while view and (n := self._write_now(view)):
+                view = view[n:]
         except OSError as exc:
-            self.dropped += 1
             if exc.errno in (errno.EPIPE, errno.EBADF, errno.ECONNRESET):
                 self.closed = True
+        if len(view) == len(data):
+            self.dropped += 1
             return False
-        if sent < len(data):  # a partial line: terminate it, best effort, so the next one starts clean
+        if view:  # stalled in the middle: end the piece so the next line starts on its own
             with contextlib.suppress(OSError):
-                if self._sock is not None:
-                    self._sock.send(b"\n", socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-                else:
-                    os.write(self.fd, b"\n")
+                self._write_now(memoryview(b"\n"))
         self.dropped = 0
         return True
+
+    def _write_now(self, data: memoryview) -> int:
+        """Bytes written without waiting; 0 when the reader cannot take any right now."""
+        if self._sock is not None:
+            try:
+                return self._sock.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            except (BlockingIOError, InterruptedError):
+                return 0
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        if not poller.poll(0):
+            return 0
+        # POLLOUT on a pipe promises one free page: a write of at most PIPE_BUF fits it without
+        # blocking; a longer one would wait for the reader until all of it is in.
+        return os.write(self.fd, data[:PIPE_BUF])
 
 
 class JournalSink:

@@ -156,6 +156,42 @@ def test_full_stderr_pipe_never_blocks_and_the_loss_is_counted() -> None:
         os.close(w)
 
 
+def test_a_long_line_into_an_almost_full_pipe_never_blocks() -> None:
+    """A 20 KB line into a pipe with one free page: what fits goes in, the rest is given up, no blocking
+    (a plain write of more than PIPE_BUF would wait for the reader)."""
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    try:
+        os.set_blocking(w, False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(w, b"x" * 65536)
+        os.set_blocking(w, True)
+        os.read(r, 4096)  # one page free
+        stream = audit.SafeStream(w)
+        done = threading.Event()
+        threading.Thread(target=lambda: (stream.write_line("y" * 20000), done.set()), daemon=True).start()
+        assert done.wait(5), "a long line blocked on an almost full pipe"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_share_that_takes_lines_in_pieces_still_gets_whole_lines(tmp_path: Path) -> None:
+    """A file that accepts short writes (9p, NFS) gets the whole line, in pieces, not a cut one."""
+    path = tmp_path / "log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    real_write = os.write
+    try:
+        stream = audit.SafeStream(fd)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(audit.os, "write", lambda f, b: real_write(f, bytes(b[:1000])))
+            assert stream.write_line('{"event": "' + "z" * 5000 + '"}')
+    finally:
+        os.close(fd)
+    assert path.read_text() == '{"event": "' + "z" * 5000 + '"}\n'
+
+
 def test_stderr_reader_gone_is_not_an_exception() -> None:
     """EPIPE (the reader closed) ends the writing quietly instead of raising out of a log call."""
     r, w = os.pipe()
