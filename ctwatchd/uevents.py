@@ -88,8 +88,13 @@ class KernelMonitor:
             yield device
 
     def _recover(self, exc: OSError) -> None:
+        if str(exc).startswith("File descriptor not open"):  # pyudev's POLLNVAL: the fd is gone, no overrun
+            raise MonitorClosed(str(exc)) from exc
         # pyudev keeps raising a bare OSError until SO_ERROR is read; reading it clears the error.
-        sock = socket.socket(fileno=os.dup(self.fileno()))
+        try:
+            sock = socket.socket(fileno=os.dup(self.fileno()))
+        except OSError as gone:
+            raise MonitorClosed(f"{exc} ({gone.strerror})") from exc
         try:
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         finally:

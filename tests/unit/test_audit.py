@@ -170,7 +170,11 @@ def test_a_long_line_into_an_almost_full_pipe_never_blocks() -> None:
         os.read(r, 4096)  # one page free
         stream = audit.SafeStream(w)
         done = threading.Event()
-        threading.Thread(target=lambda: (stream.write_line("y" * 20000), done.set()), daemon=True).start()
+        def write() -> None:
+            stream.write_line("y" * 20000)
+            done.set()
+
+        threading.Thread(target=write, daemon=True).start()
         assert done.wait(5), "a long line blocked on an almost full pipe"
     finally:
         os.close(r)
@@ -185,7 +189,7 @@ def test_a_share_that_takes_lines_in_pieces_still_gets_whole_lines(tmp_path: Pat
     try:
         stream = audit.SafeStream(fd)
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(audit.os, "write", lambda f, b: real_write(f, bytes(b[:1000])))
+            mp.setattr("ctwatchd.audit.os.write", lambda f, b: real_write(f, bytes(b[:1000])))
             assert stream.write_line('{"event": "' + "z" * 5000 + '"}')
     finally:
         os.close(fd)

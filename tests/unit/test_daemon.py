@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from fakehost import FakeHost
-from harness import ALL, FakeMonitor, Harness, cfg_for, events
+from harness import ALL, FakeMonitor, Harness, cfg_for, events, run_daemon
 
 from ctwatchd import config as configmod
 from ctwatchd import state as statefile
@@ -258,15 +258,25 @@ def test_hostile_state_file_is_ignored_with_a_warning(h: Harness) -> None:
 
 
 def test_two_signals_at_once_stop_cleanly(h: Harness) -> None:
-    """HUP and TERM together: the stop wins promptly, exit 0."""
+    """HUP and TERM together (and no TERM from the harness): the stop wins promptly, the reload never
+    runs, exit 0."""
+    cfg = cfg_for(h.host)
+    reloads: list[float] = []
+
+    def reload() -> Config:
+        reloads.append(time.monotonic())
+        return cfg
 
     def driver() -> None:
         h.wait_notify("READY=1")
         os.kill(os.getpid(), signal.SIGHUP)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    code, logs = h.run(h.daemon(cfg_for(h.host)), driver)
-    assert code == 0 and events(logs, "daemon.stopping")
+    code, logs, stopped_in = run_daemon(h.daemon(cfg, reload_config=reload), driver, stop=False)
+    assert code == 0 and stopped_in < 2
+    assert reloads == [] and not events(logs, "config.loaded")
+    assert [e["signal"] for e in events(logs, "daemon.stopping")] == ["SIGTERM"]
+    assert not any("RELOADING=1" in m for m in h.read_notify())
 
 
 def test_failing_restore_backs_off_instead_of_spinning(h: Harness) -> None:
