@@ -19,6 +19,11 @@ from pathlib import Path
 class FileProblem(OSError):
     """A file exists but is not something ctwatchd will read: the message says why, naming it."""
 
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name} {reason}")
+        self.name = name
+        self.reason = reason  # "is not a regular file (a FIFO)"
+
 
 def read_regular(path: Path | str, limit: int, *, follow: bool = True) -> tuple[bytes, os.stat_result]:
     """The whole content of a regular file (at most `limit` bytes) and its fstat.
@@ -31,17 +36,17 @@ def read_regular(path: Path | str, limit: int, *, follow: bool = True) -> tuple[
     """
     name = os.fspath(path)
     if "\0" in name:
-        raise FileProblem(f"{name!r} contains a NUL character")
+        raise FileProblem(repr(name), "contains a NUL character")
     before = os.stat(name) if follow else os.lstat(name)
     if stat.S_ISLNK(before.st_mode):
-        raise FileProblem(f"{name} is a symbolic link")
+        raise FileProblem(name, "is a symbolic link")
     if not stat.S_ISREG(before.st_mode):
-        raise FileProblem(f"{name} is not a regular file ({_kind(before.st_mode)})")
+        raise FileProblem(name, f"is not a regular file ({_kind(before.st_mode)})")
     fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | (0 if follow else os.O_NOFOLLOW))
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise FileProblem(f"{name} is not a regular file ({_kind(st.st_mode)})")
+            raise FileProblem(name, f"is not a regular file ({_kind(st.st_mode)})")
         chunks: list[bytes] = []
         size = 0
         while size <= limit:
@@ -51,7 +56,7 @@ def read_regular(path: Path | str, limit: int, *, follow: bool = True) -> tuple[
             chunks.append(chunk)
             size += len(chunk)
         if size > limit:
-            raise FileProblem(f"{name} is larger than {limit} bytes")
+            raise FileProblem(name, f"is larger than {limit} bytes")
         return b"".join(chunks), st
     finally:
         os.close(fd)

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from ctwatchd.core import KCONFIG, classify
-from ctwatchd.files import read_regular
+from ctwatchd.files import FileProblem, read_regular
 from ctwatchd.model import (
     BR_NETFILTER,
     CONNTRACK,
@@ -85,12 +85,16 @@ class KernelProbe:
                 out.append(-1.0)
         return tuple(out)
 
-    def release(self) -> str:
+    def release(self, problems: list[str] | None = None) -> str:
         """The running kernel's release; never raises (a NUL or garbage in osrelease is refused)."""
-        for candidate in (_read(self.proc_sys / "kernel/osrelease"), os.uname().release):
-            if candidate and RELEASE.fullmatch(candidate):
-                return candidate
-        return "unknown"
+        raw = _read(self.proc_sys / "kernel/osrelease")
+        if raw and RELEASE.fullmatch(raw):
+            return raw
+        fallback = os.uname().release
+        if problems is not None:
+            problems.append(f"{self.shown(self.proc_sys / 'kernel/osrelease')} holds no kernel release "
+                            f"({clean(repr(raw), 80)}); using uname's {clean(fallback, 80)}")
+        return fallback if RELEASE.fullmatch(fallback) else "unknown"
 
     def boot_id(self) -> str | None:
         """This boot's id: saved monotonic times and /sys inode numbers mean something only within it."""
@@ -109,7 +113,7 @@ class KernelProbe:
         """Read the static facts. Never raises: a file that cannot be read is a sentence in `problems`
         and counts as absent, so a corrupt tree degrades what ctwatchd knows, not whether it runs."""
         problems: list[str] = []
-        release = self.release()
+        release = self.release(problems)
         moddir = self.root / "lib/modules" / release
         builtin_text = self._text(moddir / "modules.builtin", problems, limit=TREE_FILE_LIMIT)
         builtin = frozenset(_module_names(builtin_text.splitlines())) if builtin_text else frozenset()
@@ -323,7 +327,9 @@ def _gunzip(raw: bytes, limit: int) -> bytes:
 
 
 def _why(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror and not str(exc).startswith("/"):
+    if isinstance(exc, FileProblem):
+        return exc.reason
+    if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return clean(str(exc)) or type(exc).__name__
 

@@ -48,7 +48,7 @@ def load(path: Path) -> SavedState | None:
     except FileNotFoundError:
         return None
     except FileProblem as exc:
-        raise StateError(str(exc).replace(str(path), "it", 1)) from None
+        raise StateError(f"it {exc.reason}") from None
     except OSError as exc:
         raise StateError(f"cannot open it: {exc.strerror}") from None
     if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):

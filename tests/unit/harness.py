@@ -142,6 +142,7 @@ def run_daemon(daemon: Daemon, driver: Callable[[], None], *, limit: float = 30.
     """
     errors: list[BaseException] = []
     driver_done: list[float] = []
+    daemon_done = threading.Event()
 
     def drive() -> None:
         try:
@@ -150,7 +151,8 @@ def run_daemon(daemon: Daemon, driver: Callable[[], None], *, limit: float = 30.
             errors.append(exc)
         finally:
             driver_done.append(time.monotonic())
-            if stop or errors:
+            # Once the daemon has returned, a TERM would hit pytest itself: only signal a running daemon.
+            if (stop or errors) and not daemon_done.is_set():
                 os.kill(os.getpid(), signal.SIGTERM)
 
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
@@ -165,8 +167,9 @@ def run_daemon(daemon: Daemon, driver: Callable[[], None], *, limit: float = 30.
             try:
                 code = daemon.run()
             finally:
+                daemon_done.set()
                 guard.cancel()
-                thread.join(10)
+                thread.join(limit)  # the no-op handlers stay until the driver is done
             logs = list(captured)
         ended = time.monotonic()
     finally:

@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 from fakehost import BOOT_ID, FakeHost
 from harness import ALL, Harness, cfg_for, events
 
@@ -396,3 +397,22 @@ def test_check_json_shows_what_the_daemon_would_do_from_its_state(loaded: FakeHo
                         "--config", str(cfgpath)], capture_output=True, text=True, timeout=30, check=False)
     data = json.loads(r.stdout)
     assert data["would_do"] == ["run hook /bin/true"] and data["daemon"]["restarts_owed"] is True
+
+
+def test_an_unreadable_tree_file_is_logged_once(h: Harness) -> None:
+    """modules.dep as a directory: one facts.problem record naming it, not one per look."""
+    dep = h.host.moddir / "modules.dep"
+    dep.unlink()
+    dep.mkdir()
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        time.sleep(0.5)  # ten looks
+
+    with capture_logs() as logs:
+        d = h.daemon(cfg_for(h.host, poll_interval=0.05))
+        code, _ = h.run(d, driver)
+    problems = [e for e in logs if e["event"] == "facts.problem"]
+    assert code == 0 and len(problems) == 1
+    assert problems[0]["detail"] == f"/lib/modules/{h.host.release}/modules.dep was not read: " \
+                                    "is not a regular file (a directory)"
