@@ -18,9 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from structlog.testing import capture_logs
 from fakehost import BOOT_ID, FakeHost
 from harness import ALL, Harness, cfg_for, events
+from structlog.testing import capture_logs
 
 from ctwatchd import cli, core, files
 from ctwatchd import state as statefile
