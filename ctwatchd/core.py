@@ -41,8 +41,8 @@ TRANSIENT_GRACE = 10.0
 TRANSIENT_RECHECK = 0.2
 # Sysctl files that exist only while their module is loaded: a missing one can appear only with that load.
 SYSCTL_OWNERS = (("net.bridge.", BR_NETFILTER), ("net.netfilter.nf_conntrack_", CONNTRACK))
-# A restore that succeeds but is needed again at once, this many times in a row with no look in between
-# that needed nothing, is being undone by something else: back off instead of fighting it.
+# A sysctl restore that succeeds but is needed again at once, this many times in a row with no look in
+# between that needed nothing, is being undone by something else: back off instead of fighting it.
 UNSETTLED_AFTER = 3
 # Kconfig symbols of the modules we know, for telling "built in" from "missing" via the kernel config.
 KCONFIG = {
@@ -383,7 +383,9 @@ def record(cfg: Config, state: CoreState, result: RestoreResult, now: float) -> 
         state = replace(state, tuning={k: v for k, v in state.tuning.items() if k not in dropped},
                         dropped=state.dropped + dropped)
     if result.ok:
-        unsettled = state.unsettled + 1
+        # Only sysctl plans count: a module that is needed again was removed again, a new fault to
+        # repair at once (verification and the restart breaker pace a remover that never stops).
+        unsettled = 0 if result.plan.modules else state.unsettled + 1
         retry_at = None
         if unsettled >= UNSETTLED_AFTER:
             retry_at = now + min(cfg.backoff_initial * 2 ** min(unsettled - UNSETTLED_AFTER, 64), cfg.backoff_max)

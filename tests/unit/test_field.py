@@ -147,6 +147,20 @@ def test_core_backs_off_when_successful_restores_do_not_hold() -> None:
     assert settled.state.unsettled == 0 and not settled.plan
 
 
+def test_a_module_removed_again_and_again_is_restored_each_time_without_backoff() -> None:
+    """Flapping removals are new faults, not a fight over a value: each reload is planned at once."""
+    cfg = Config()
+    obs = live_obs({BRIDGE: "1", "net.bridge.bridge-nf-call-ip6tables": "1"})
+    gone = replace(obs, modules={**obs.modules, "br_netfilter": ModuleStatus("br_netfilter", ModuleState.ABSENT)},
+                   sysctls={BRIDGE: None, "net.bridge.bridge-nf-call-ip6tables": None})
+    state = CoreState()
+    for i in range(3 * UNSETTLED_AFTER):
+        d = decide(cfg, state, gone, float(i))
+        assert d.plan.modules == ("br_netfilter",), (i, d.plan.reason)
+        state = record(cfg, d.state, ok(d.plan), float(i))
+        assert state.retry_at is None
+
+
 def test_daemon_does_not_spin_on_two_keys_that_are_one_value(h: Harness) -> None:
     """Two desired keys that are one kernel value (as net.ipv4.ip_forward and conf.all.forwarding are),
     wanted 1 and 0: every restore succeeds and undoes itself. A handful of restores and a
