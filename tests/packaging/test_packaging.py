@@ -40,7 +40,7 @@ SETTING = re.compile(r'^# ("?[A-Za-z][\w.-]*"? = .*)$')
 def ctwatchd_exe() -> Path:
     exe = Path(sys.executable).parent / "ctwatchd"
     if not exe.exists():
-        pytest.skip(f"no ctwatchd next to {sys.executable}: pip install -e . first")
+        unavailable(f"no ctwatchd next to {sys.executable}: pip install -e . first")
     return exe
 
 

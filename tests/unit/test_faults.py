@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 from fakehost import MODULES, FakeHost, executable
 from harness import ALL, FakeMonitor, Harness, Logs, cfg_for, events, run_daemon
+from prereq import missing
 from structlog.testing import capture_logs
 
 from ctwatchd import audit, core
@@ -341,7 +342,7 @@ def test_sysctl_write_eperm_immutable_file(drifted: FakeHost) -> None:
     """chattr +i makes the kernel answer EPERM to the write; the value stays."""
     path = drifted.sysctl(BRIDGE_KEY)
     if subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False).returncode != 0:
-        pytest.skip("chattr +i not supported on this filesystem")
+        missing("chattr +i not supported on this filesystem")
     try:
         detail, _, _ = sysctl_fault(drifted)
     finally:
@@ -354,13 +355,13 @@ def test_sysctl_write_eperm_immutable_file(drifted: FakeHost) -> None:
 def ro_bridge(drifted: FakeHost) -> Iterator[FakeHost]:
     """proc/sys/net/bridge on a tmpfs remounted read-only, with the drifted file in it."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
+        missing("mounting a tmpfs needs root")
     target = drifted.sysctl(BRIDGE_KEY).parent
     saved = {p.name: p.read_text() for p in target.iterdir()}
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "ctwatchd-test", str(target)],
                              capture_output=True, text=True, check=False)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+        missing(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
         for name, text in saved.items():
             (target / name).write_text(text)
@@ -1162,7 +1163,7 @@ def test_hook_trust_on_the_real_filesystem(tmp_path: Path) -> None:
     """Real stat: /bin/sh (via the /bin -> usr/bin symlink on merged-/usr systems) is trusted; a hook in
     a world-writable directory is refused, and so is one anywhere below /tmp (sticky or not)."""
     if os.geteuid() != 0:
-        pytest.skip("the root rules apply to root only")
+        missing("the root rules apply to root only")
     assert configmod.load(hook_config(tmp_path, "/bin/sh"), euid=0).hooks == (("/bin/sh", "--now"),)
     hook = executable(tmp_path / "drop/hook", "#!/bin/sh\n")
     (tmp_path / "drop").chmod(0o777)

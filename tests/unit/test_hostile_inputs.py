@@ -30,6 +30,7 @@ from typing import TypeVar
 import pytest
 from fakehost import BOOT_ID, RELEASE, FakeHost, executable
 from harness import Harness, Logs, cfg_for, events, run_daemon
+from prereq import missing
 
 import ctwatchd.check
 from ctwatchd import cli
@@ -536,7 +537,7 @@ def test_root_refuses_modprobe_and_systemctl_in_an_open_directory(tmp_path: Path
 def test_root_refuses_modprobe_and_systemctl_on_the_real_filesystem(tmp_path: Path, key: str) -> None:
     """Real files as root: a tool in a 0777 directory is refused naming the key; in a 0755 one it is used."""
     if os.geteuid() != 0:
-        pytest.skip("the root rules apply to root only")
+        missing("the root rules apply to root only")
     tool = executable(tmp_path / "drop" / key, "#!/bin/sh\nexit 0\n")
     p = tmp_path / "c.toml"
     p.write_text(f'[restore]\n{key} = "{tool}"\n')
