@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ctwatchd import core
-from ctwatchd.config import Config
-from ctwatchd.executor import DOCKER_UNIT, systemctl_path
+from ctwatchd.config import Config, DockerMode
+from ctwatchd.docker import DockerProbe
+from ctwatchd.executor import systemctl_path
 from ctwatchd.kernel import KernelProbe
 from ctwatchd.model import clean
 from ctwatchd.runner import Runner
@@ -27,7 +28,7 @@ HEALTHY, DEGRADED, UNKNOWN = 0, 1, 2
 @dataclass(frozen=True)
 class Report:
     look: Look
-    docker: str
+    docker: dict[str, Any]
     daemon: dict[str, Any]
     errors: tuple[str, ...]  # reasons we cannot tell
     desired: tuple[tuple[str, str], ...] = ()
@@ -64,14 +65,26 @@ class Report:
         }
 
 
-def docker_state(cfg: Config, root: Path) -> str:
+def docker_view(cfg: Config, root: Path) -> dict[str, Any]:
+    """docker.service as the restore's last step sees it: active, its rules, live-restore."""
     if not (root / "run/systemd/system").is_dir():
-        return "unknown (systemd is not running)"
-    done = Runner().run([systemctl_path(cfg), "is-active", DOCKER_UNIT], 5.0)
-    if done.error:
-        return f"unknown ({done.error})"
-    word = done.output.strip().splitlines()[-1:] or ["unknown"]
-    return clean(word[0], 40)
+        return {"unit": "unknown (systemd is not running)", "mode": cfg.docker.value}
+    probe = DockerProbe(Runner(), systemctl=systemctl_path(cfg), iptables=cfg.iptables, root=root)
+    unit = probe.unit()
+    out: dict[str, Any] = {"unit": unit.active, "mode": cfg.docker.value}
+    if not unit.installed:
+        return out
+    if unit.active == "active":
+        rules = probe.rules()
+        out.update(rules_intact=rules.intact, rules=rules.reason)
+    live = probe.live_restore(unit)
+    out.update(live_restore=live.enabled, live_restore_source=live.source)
+    if live.enabled is False and cfg.docker is not DockerMode.NEVER:
+        out["warning"] = ("live-restore is off: restarting docker stops every running container"
+                          + ("; docker = \"if-needed\" restarts it only when its rules are gone"
+                             if cfg.docker is DockerMode.IF_NEEDED else
+                             "; docker = \"if-active\" restarts it after every module reload"))
+    return out
 
 
 def daemon_state(cfg: Config, probe: KernelProbe, resumed: Resumed, now: float) -> dict[str, Any]:
@@ -115,7 +128,7 @@ def run_check(cfg: Config, root: Path = Path("/")) -> Report:
     resumed = inspector.resume(cfg, now)
     look = inspector.look(cfg, resumed.state, now)
     notes += [f"{n}: {s.note}" for n, s in look.observation.modules.items() if s.note and n in look.watched]
-    return Report(look, docker_state(cfg, root), daemon_state(cfg, probe, resumed, now), tuple(errors),
+    return Report(look, docker_view(cfg, root), daemon_state(cfg, probe, resumed, now), tuple(errors),
                   cfg.sysctls, tuple(dict.fromkeys(notes)))
 
 
@@ -133,7 +146,9 @@ def format_table(report: Report) -> str:
     for key, value in obs.sysctls.items():
         shown = clean(value, 40) if value is not None else "missing"
         lines.append(f"{key:<45} {shown:<10} {want.get(key, '')}")
-    lines += ["", f"docker.service: {report.docker}"]
+    lines += ["", f"docker.service: {_docker_line(report.docker)}"]
+    if report.docker.get("warning"):
+        lines.append(f"warning: {report.docker['warning']}")
     d = report.daemon
     if "status" in d:
         breaker = "open (docker/hook restarts paused)" if d.get("breaker_open") else "closed"
@@ -156,6 +171,16 @@ def format_table(report: Report) -> str:
     problems = "; ".join(report.look.decision.health.problems)
     lines.append(f"status: {report.status}" + (f" ({problems})" if problems else ""))
     return "\n".join(lines)
+
+
+def _docker_line(d: dict[str, Any]) -> str:
+    parts = [str(d["unit"]), f"docker = \"{d['mode']}\""]
+    if "rules" in d:
+        parts.append(f"rules: {d['rules']}")
+    if "live_restore" in d:
+        state = {True: "on", False: "off", None: "unknown"}[d["live_restore"]]
+        parts.append(f"live-restore {state} ({d['live_restore_source']})")
+    return "; ".join(parts)
 
 
 def format_json(report: Report) -> str:

@@ -23,6 +23,7 @@ from ctwatchd.model import BR_NETFILTER, CONNTRACK, MODULE_NAME_MAX, NAT, clean,
 DEFAULT_PATH = Path("/etc/ctwatchd/ctwatchd.toml")
 MODPROBE_PATHS = ("/usr/sbin/modprobe", "/sbin/modprobe")
 SYSTEMCTL_PATHS = ("/usr/bin/systemctl", "/bin/systemctl")
+IPTABLES_PATHS = ("/usr/sbin/iptables", "/sbin/iptables")
 MAX_BYTES = 1 << 20  # a larger file is refused whole, never read in part
 
 # A dotted sysctl name: components of letters, digits, '_' and '-' (no '/', no '..', no empty part).
@@ -42,7 +43,8 @@ class ConfigError(Exception):
 
 class DockerMode(StrEnum):
     NEVER = "never"
-    IF_ACTIVE = "if-active"
+    IF_ACTIVE = "if-active"  # restart an active docker after every module reload
+    IF_NEEDED = "if-needed"  # only when it is active and its own iptables rules are gone
 
 
 class LogFormat(StrEnum):
@@ -65,6 +67,7 @@ class Config:
     hooks: tuple[tuple[str, ...], ...] = ()
     modprobe: str | None = None  # None: the first of /usr/sbin/modprobe, /sbin/modprobe
     systemctl: str | None = None  # None: the first of /usr/bin/systemctl, /bin/systemctl
+    iptables: str | None = None  # None: the first of /usr/sbin/iptables, /sbin/iptables (docker's rules)
     module_timeout: float = 30.0
     hook_timeout: float = 60.0
     docker_timeout: float = 120.0
@@ -259,7 +262,7 @@ def _restore(path: Path | None, table: object) -> dict[str, Any]:
         "max_restarts": _restarts(r, d.max_restarts),
         "restart_window": r.number("restart_window", d.restart_window, low=1, high=86400),
     }
-    for key in ("modprobe", "systemctl"):
+    for key in ("modprobe", "systemctl", "iptables"):
         value = r.take(key, str, None)
         out[key] = None if value is None else _absolute_exe(r.where(key), value)
     r.done()
@@ -389,12 +392,15 @@ def check_executable_trust(where: str, exe: str, euid: int, stat_fn: Callable[[s
 
 def check_executables(cfg: Config, euid: int, stat_fn: Callable[[str], os.stat_result] = os.stat,
                       realpath: Callable[[str], str] = os.path.realpath) -> None:
-    """Every executable ctwatchd runs as root passes the same trust rule: the hooks, and modprobe and
-    systemctl whether configured or the defaults (a default that does not exist fails later, at use)."""
+    """Every executable ctwatchd runs as root passes the same trust rule: the hooks, and modprobe,
+    systemctl and (for docker = "if-needed") iptables whether configured or the defaults (a default
+    that does not exist fails later, at use)."""
     for i, argv in enumerate(cfg.hooks):
         check_executable_trust(_where(cfg.path, "restore", f"hooks[{i}][0]"), argv[0], euid, stat_fn, realpath)
-    for key, configured, defaults in (("modprobe", cfg.modprobe, MODPROBE_PATHS),
-                                      ("systemctl", cfg.systemctl, SYSTEMCTL_PATHS)):
+    tools = [("modprobe", cfg.modprobe, MODPROBE_PATHS), ("systemctl", cfg.systemctl, SYSTEMCTL_PATHS)]
+    if cfg.docker is DockerMode.IF_NEEDED:
+        tools.append(("iptables", cfg.iptables, IPTABLES_PATHS))
+    for key, configured, defaults in tools:
         where = _where(cfg.path, "restore", key)
         if configured is not None:
             check_executable_trust(where, configured, euid, stat_fn, realpath)

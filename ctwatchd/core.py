@@ -319,8 +319,8 @@ def decide(cfg: Config, state: CoreState, obs: Observation, now: float) -> Decis
         if breaker_open(cfg, state, now):
             skipped = True
         else:
-            if cfg.docker is DockerMode.IF_ACTIVE:
-                steps.append(Step(StepKind.RESTART_DOCKER))
+            if cfg.docker is not DockerMode.NEVER:
+                steps.append(Step(StepKind.RESTART_DOCKER, when=cfg.docker.value))
             steps.extend(Step(StepKind.RUN_HOOK, argv=argv) for argv in cfg.hooks)
 
     if to_load:

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctwatchd.config import MODPROBE_PATHS, SYSTEMCTL_PATHS, Config
+from ctwatchd.config import MODPROBE_PATHS, SYSTEMCTL_PATHS, Config, DockerMode
+from ctwatchd.docker import DOCKER_UNIT, DockerProbe
 from ctwatchd.kernel import KernelProbe, sysctl_path
 from ctwatchd.model import (
     AuditLog,
@@ -30,7 +31,6 @@ from ctwatchd.model import (
 from ctwatchd.runner import Completed, Runner
 
 LIVE_WAIT = 2.0  # modprobe returns after init; allow a little for initstate to read "live"
-DOCKER_UNIT = "docker.service"
 
 
 def first_existing(candidates: tuple[str, ...]) -> str:
@@ -102,7 +102,7 @@ class Executor:
         if step.kind is StepKind.WRITE_SYSCTLS:
             return self._sysctls(step.sysctls)
         if step.kind is StepKind.RESTART_DOCKER:
-            return self._docker()
+            return self._docker(DockerMode(step.when or DockerMode.IF_ACTIVE.value))
         return self._completed(self.runner.run(step.argv, self.cfg.hook_timeout))
 
     def _load(self, name: str) -> tuple[Outcome, str]:
@@ -168,15 +168,38 @@ class Executor:
         return Outcome.OK, f"{written - len(dropped)} written and read back, " \
                            f"{len(pairs) - written} already set{tail}", tuple(dropped)
 
-    def _docker(self) -> tuple[Outcome, str]:
+    def _docker(self, mode: DockerMode) -> tuple[Outcome, str]:
+        """The runbook's last step: restart docker so it sets its chains up again. With "if-needed" only
+        when its own rules are gone: without live-restore a restart stops every container."""
         systemctl = systemctl_path(self.cfg)
+        docker = DockerProbe(self.runner, systemctl=systemctl, iptables=self.cfg.iptables, root=self.probe.root)
         active = self.runner.run([systemctl, "is-active", "--quiet", DOCKER_UNIT], 10.0)
         if active.error or active.timed_out or active.interrupted:
             return self._completed(active)
         if not active.ok:
-            return Outcome.SKIPPED, f"{DOCKER_UNIT} is not active"
-        return self._completed(self.runner.run([systemctl, "try-restart", DOCKER_UNIT],
-                                               self.cfg.docker_timeout))
+            unit = docker.unit()
+            why = "is not installed" if unit.installed is False else \
+                f"is not active ({unit.active})" if unit.installed else "is not active"
+            self._decided(mode, restart=False, reason=f"{DOCKER_UNIT} {why}")
+            return Outcome.SKIPPED, f"{DOCKER_UNIT} {why}"
+        if mode is DockerMode.IF_NEEDED:
+            rules = docker.rules()
+            if rules.intact is None:
+                return Outcome.FAILED, f"cannot tell whether docker's iptables rules are intact: {rules.reason}"
+            if rules.intact:
+                self._decided(mode, restart=False, reason=rules.reason)
+                return Outcome.SKIPPED, f"{rules.reason}: {DOCKER_UNIT} not restarted"
+            reason = rules.reason
+        else:
+            reason = "if-active: restarted after every module reload"
+        self._decided(mode, restart=True, reason=reason)
+        outcome, detail = self._completed(self.runner.run([systemctl, "try-restart", DOCKER_UNIT],
+                                                          self.cfg.docker_timeout))
+        return outcome, f"{detail} ({reason})"
+
+    def _decided(self, mode: DockerMode, *, restart: bool, reason: str) -> None:
+        """One record per decision, so `journalctl CTWATCHD_EVENT=docker.decision` answers "why (not)"."""
+        self.log.info("docker.decision", mode=mode.value, restart=restart, reason=reason)
 
     @staticmethod
     def _completed(done: Completed) -> tuple[Outcome, str]:

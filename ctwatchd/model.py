@@ -169,6 +169,7 @@ class Step:
     module: str | None = None
     sysctls: tuple[tuple[str, str], ...] = ()
     argv: tuple[str, ...] = ()
+    when: str = ""  # RESTART_DOCKER: "if-active" or "if-needed"
 
     def describe(self) -> str:
         if self.kind is StepKind.LOAD_MODULE:
@@ -180,6 +181,8 @@ class Step:
         if self.kind is StepKind.RESTORE_TUNING:
             return "write back the tuned conntrack values " + ", ".join(f"{k}={v}" for k, v in self.sysctls)
         if self.kind is StepKind.RESTART_DOCKER:
+            if self.when == "if-needed":
+                return "systemctl try-restart docker.service, if it is active and its iptables rules are gone"
             return "systemctl try-restart docker.service (if active)"
         return "run hook " + " ".join(self.argv)
 

@@ -99,7 +99,8 @@ def test_hooks_run_in_order_after_sysctls_and_failure_is_named(loaded: FakeHost,
 
 @pytest.mark.parametrize(("active_rc", "outcome", "calls"), [
     (0, Outcome.OK, ["is-active --quiet docker.service", "try-restart docker.service"]),
-    (3, Outcome.SKIPPED, ["is-active --quiet docker.service"]),
+    (3, Outcome.SKIPPED, ["is-active --quiet docker.service",
+                          "show -p LoadState -p ActiveState -p MainPID docker.service"]),
 ])
 def test_docker_restarted_only_when_active(loaded: FakeHost, tmp_path: Path, active_rc: int,
                                            outcome: Outcome, calls: list[str]) -> None:

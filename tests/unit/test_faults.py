@@ -105,10 +105,10 @@ def wrap_modprobe(host: FakeHost, after: str) -> Path:
     return executable(host.root / "bin/modprobe-then", f'#!/bin/sh\n"{host.modprobe}" "$@" || exit $?\n{after}\n')
 
 
-def fake_systemctl(tmp_path: Path, is_active: str, try_restart: str) -> tuple[Path, Path]:
+def fake_systemctl(tmp_path: Path, is_active: str, try_restart: str, *, show: str = "true") -> tuple[Path, Path]:
     log = tmp_path / "systemctl.log"
     body = (f'#!/bin/sh\necho "$*" >> {log}\ncase "$1" in\n'
-            f"is-active) {is_active} ;;\ntry-restart) {try_restart} ;;\nesac\nexit 0\n")
+            f"is-active) {is_active} ;;\ntry-restart) {try_restart} ;;\nshow) {show} ;;\nesac\nexit 0\n")
     return executable(tmp_path / "systemctl", body), log
 
 
@@ -457,20 +457,24 @@ def test_conntrack_count_unreadable(loaded: FakeHost) -> None:
 
 # == docker / systemctl ===========================================================================
 
-@pytest.mark.parametrize(("is_active", "why"), [
-    ("echo inactive; exit 4", "unit unknown"),  # systemctl's answer for a unit that does not exist
-    ("echo inactive; exit 3", "inactive"),
+@pytest.mark.parametrize(("is_active", "show", "why"), [
+    # systemctl's answers for a unit that does not exist, and for an inactive one
+    ("echo inactive; exit 4", "LoadState=not-found\nActiveState=inactive\nMainPID=0", "is not installed"),
+    ("echo inactive; exit 3", "LoadState=loaded\nActiveState=inactive\nMainPID=0", "is not active (inactive)"),
 ], ids=["docker-absent", "docker-inactive"])
-def test_docker_absent_or_inactive_is_skipped(loaded: FakeHost, tmp_path: Path, is_active: str, why: str) -> None:
-    """No docker.service, or an inactive one: the step is skipped, the restore is ok, no restart counted."""
-    systemctl, log = fake_systemctl(tmp_path, is_active, "exit 0")
+def test_docker_absent_or_inactive_is_skipped(loaded: FakeHost, tmp_path: Path, is_active: str, show: str,
+                                              why: str) -> None:
+    """No docker.service, or an inactive one: the step is skipped saying which, the restore is ok, no
+    restart counted."""
+    systemctl, log = fake_systemctl(tmp_path, is_active, "exit 0", show=f"printf '{show}\\n'")
     loaded.unload("nf_nat")
     cfg = Config(modprobe=str(loaded.modprobe), docker=DockerMode.IF_ACTIVE, systemctl=str(systemctl))
     result, logs, state = restore_once(cfg, loaded)
     assert result.ok, why
     docker = next(e for e in step_events(logs) if e["action"] == "restart-docker")
-    assert (docker["result"], docker["detail"]) == ("skipped", "docker.service is not active")
-    assert log.read_text().splitlines() == ["is-active --quiet docker.service"]
+    assert (docker["result"], docker["detail"]) == ("skipped", f"docker.service {why}")
+    assert log.read_text().splitlines() == ["is-active --quiet docker.service",
+                                            "show -p LoadState -p ActiveState -p MainPID docker.service"]
     assert state.restarts == () and state.failures == 0 and loaded.is_live("nf_nat")
 
 
@@ -483,6 +487,7 @@ def test_docker_failing_to_restart(loaded: FakeHost, tmp_path: Path) -> None:
     result, logs, state = restore_once(cfg, loaded)
     assert result.failed is not None and result.failed.step.kind is StepKind.RESTART_DOCKER
     assert "exited with status 1: Job for docker.service failed" in step_events(logs)[-1]["detail"]
+    assert step_events(logs)[-1]["detail"].endswith("(if-active: restarted after every module reload)")
     assert events(logs, "restore.step")[-1]["result"] == "failed"
     assert len(state.restarts) == 1
     assert_backing_off(cfg, state)
@@ -500,7 +505,7 @@ def test_docker_restart_hanging(loaded: FakeHost, tmp_path: Path) -> None:
     _, logs, state = restore_once(cfg, loaded)
     assert time.monotonic() - t0 < 0.5 + TERM_GRACE + 2
     assert step_events(logs)[-1]["detail"] == f"{systemctl} did not finish within its timeout; its process " \
-                                               "group was killed"
+                                               "group was killed (if-active: restarted after every module reload)"
     assert process_gone(int(pidfile.read_text()))
     assert len(state.restarts) == 1
     assert_backing_off(cfg, state)

@@ -1,0 +1,320 @@
+"""docker = "if-needed": restart docker only when it is active and its own iptables rules are gone.
+
+iptables and systemctl are real scripts in a temporary tree answering as the real tools do (the dumps
+below are `iptables -S` output of docker 20.10 on Debian bookworm, iptables-nft); the restore runs the
+real Executor. The judgement itself is a pure function, tested on the dumps directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fakehost import FakeHost, executable
+from structlog.testing import capture_logs
+
+from ctwatchd import config as configmod
+from ctwatchd.audit import get_logger
+from ctwatchd.config import Config, ConfigError, DockerMode
+from ctwatchd.core import CoreState, decide
+from ctwatchd.docker import DockerProbe, Unit, judge_iptables, parse_unit
+from ctwatchd.executor import Executor
+from ctwatchd.kernel import KernelProbe
+from ctwatchd.model import Outcome, StepKind
+from ctwatchd.runner import Runner
+
+NAT = """\
+-P PREROUTING ACCEPT
+-P INPUT ACCEPT
+-P OUTPUT ACCEPT
+-P POSTROUTING ACCEPT
+-N DOCKER
+-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
+-A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER
+-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE
+-A DOCKER -i docker0 -j RETURN
+-A DOCKER ! -i docker0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.2:80
+"""
+FILTER = """\
+-P INPUT ACCEPT
+-P FORWARD DROP
+-P OUTPUT ACCEPT
+-N DOCKER
+-N DOCKER-ISOLATION-STAGE-1
+-N DOCKER-ISOLATION-STAGE-2
+-N DOCKER-USER
+-A FORWARD -j DOCKER-USER
+-A FORWARD -j DOCKER-ISOLATION-STAGE-1
+-A FORWARD -o docker0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A FORWARD -o docker0 -j DOCKER
+-A DOCKER-USER -j RETURN
+"""
+EMPTY_NAT = "-P PREROUTING ACCEPT\n-P INPUT ACCEPT\n-P OUTPUT ACCEPT\n-P POSTROUTING ACCEPT\n"
+EMPTY_FILTER = "-P INPUT ACCEPT\n-P FORWARD ACCEPT\n-P OUTPUT ACCEPT\n"
+
+
+def flushed(dump: str) -> str:
+    """What `iptables -F` leaves: policies and chains, no rules (so no jumps either)."""
+    return "".join(line + "\n" for line in dump.splitlines() if not line.startswith("-A "))
+
+
+@pytest.mark.parametrize(("nat", "filter_", "intact", "reason"), [
+    (NAT, FILTER, True, "rules intact"),
+    (EMPTY_NAT, EMPTY_FILTER, False,
+     "DOCKER chain missing in table nat; DOCKER-USER chain missing in table filter"),  # nft flush ruleset
+    (flushed(NAT), flushed(FILTER), False,  # iptables -F: chains stay, jumps go
+     "no jump from PREROUTING to DOCKER in table nat; no jump from FORWARD to DOCKER-USER in table filter"),
+    (EMPTY_NAT, FILTER, False, "DOCKER chain missing in table nat"),
+    (NAT, flushed(FILTER), False, "no jump from FORWARD to DOCKER-USER in table filter"),
+    (NAT.replace("-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER\n", ""), FILTER, False,
+     "no jump from PREROUTING to DOCKER in table nat"),
+], ids=["intact", "nft-flush", "iptables-F", "nat-gone", "filter-flushed", "prerouting-jump-gone"])
+def test_judge_iptables(nat: str, filter_: str, intact: bool, reason: str) -> None:
+    """docker's rules are intact only with the DOCKER chain reached from PREROUTING in nat and DOCKER-USER
+    reached from FORWARD in filter; the reason names what is missing."""
+    rules = judge_iptables(nat, filter_)
+    assert (rules.intact, rules.reason) == (intact, reason)
+
+
+def test_a_jump_is_read_from_the_j_option_not_from_any_word() -> None:
+    """A comment or a chain name mentioning DOCKER is not a jump to it."""
+    nat = "-N DOCKER\n-A PREROUTING -m comment --comment DOCKER -j ACCEPT\n"
+    assert judge_iptables(nat, FILTER).reason == "no jump from PREROUTING to DOCKER in table nat"
+
+
+@pytest.mark.parametrize(("text", "unit"), [
+    ("LoadState=loaded\nActiveState=active\nMainPID=812\n", Unit(True, "active", 812)),
+    ("MainPID=0\nLoadState=loaded\nActiveState=inactive\n", Unit(True, "inactive", None)),
+    ("LoadState=not-found\nActiveState=inactive\nMainPID=0\n", Unit(False, "not installed")),
+    ("", Unit(None, "unknown (systemctl said nothing)")),
+    ("LoadState=loaded\nActiveState=\x1b[31mactive\nMainPID=x\n", Unit(True, "\\x1b[31mactive", None)),
+])
+def test_parse_unit(text: str, unit: Unit) -> None:
+    """`systemctl show` in any order; not-found is "not installed"; odd values are escaped, not trusted."""
+    assert parse_unit(text) == unit
+
+
+# -- the restore step, with real scripts standing in for systemctl and iptables ----------------------
+
+class Tools:
+    """A systemctl and an iptables answering from files the test changes; every call logged."""
+
+    def __init__(self, root: Path, *, active: bool = True, installed: bool = True) -> None:
+        self.dir = root / "tools"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log = self.dir / "calls.log"
+        self.nat, self.filter = self.dir / "nat.txt", self.dir / "filter.txt"
+        self.set_rules(NAT, FILTER)
+        load = "loaded" if installed else "not-found"
+        state = "active" if active else "inactive"
+        self.systemctl = executable(self.dir / "systemctl", f"""#!/bin/sh
+echo "systemctl $*" >> {self.log}
+case "$1" in
+is-active) [ {state} = active ] && exit 0; echo {state}; exit 3 ;;
+show) printf 'LoadState={load}\\nActiveState={state}\\nMainPID=0\\n' ;;
+try-restart) exit 0 ;;
+esac
+""")
+        self.iptables = executable(self.dir / "iptables", f"""#!/bin/sh
+echo "iptables $*" >> {self.log}
+[ -e {self.dir}/iptables.fails ] && {{ echo "iptables: Permission denied (you must be root)." >&2; exit 4; }}
+case "$4" in nat) cat {self.nat} ;; filter) cat {self.filter} ;; esac
+""")
+
+    def set_rules(self, nat: str, filter_: str) -> None:
+        self.nat.write_text(nat)
+        self.filter.write_text(filter_)
+
+    def calls(self) -> list[str]:
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+
+Decisions = list[dict[str, object]]
+
+
+def restore(host: FakeHost, tools: Tools, mode: DockerMode) -> tuple[Outcome, str, Decisions]:
+    cfg = Config(modprobe=str(host.modprobe), docker=mode, systemctl=str(tools.systemctl),
+                 iptables=str(tools.iptables))
+    probe = KernelProbe(host.root)
+    host.unload("br_netfilter")
+    plan = decide(cfg, CoreState(), probe.observe(probe.facts(), cfg.modules, [k for k, _ in cfg.sysctls]), 0).plan
+    with capture_logs() as logs:
+        result = Executor(cfg, probe, Runner(), get_logger()).execute(plan)
+    step = next(r for r in result.results if r.step.kind is StepKind.RESTART_DOCKER)
+    return step.outcome, step.detail, [dict(e) for e in logs if e["event"] == "docker.decision"]
+
+
+def test_if_needed_leaves_docker_alone_when_its_rules_are_intact(loaded: FakeHost, tmp_path: Path) -> None:
+    """br_netfilter went but docker's chains did not: no restart (containers keep running), and the
+    journal record says why."""
+    tools = Tools(tmp_path)
+    outcome, detail, decisions = restore(loaded, tools, DockerMode.IF_NEEDED)
+    assert outcome is Outcome.SKIPPED
+    assert detail == "rules intact (iptables): docker.service not restarted"
+    assert not [c for c in tools.calls() if "try-restart" in c]
+    assert decisions == [{"event": "docker.decision", "log_level": "info", "mode": "if-needed", "restart": False,
+                          "reason": "rules intact (iptables)"}]
+
+
+@pytest.mark.parametrize(("nat", "filter_", "reason"), [
+    (EMPTY_NAT, EMPTY_FILTER, "DOCKER chain missing in table nat; DOCKER-USER chain missing in table filter"),
+    (flushed(NAT), FILTER, "no jump from PREROUTING to DOCKER in table nat"),
+])
+def test_if_needed_restarts_docker_once_its_rules_are_gone(loaded: FakeHost, tmp_path: Path, nat: str,
+                                                           filter_: str, reason: str) -> None:
+    """A firewall clean-up flushed docker's rules: try-restart, with the missing rule as the reason."""
+    tools = Tools(tmp_path)
+    tools.set_rules(nat, filter_)
+    outcome, detail, decisions = restore(loaded, tools, DockerMode.IF_NEEDED)
+    assert outcome is Outcome.OK and detail == f"systemctl exited 0 ({reason} (iptables))"
+    assert tools.calls()[-1] == "systemctl try-restart docker.service"
+    assert [d["restart"] for d in decisions] == [True] and decisions[0]["reason"] == f"{reason} (iptables)"
+
+
+def test_if_needed_without_a_verdict_on_the_rules_fails_instead_of_guessing(loaded: FakeHost, tmp_path: Path) -> None:
+    """iptables cannot list the tables: the step fails (retried with backoff); docker is not restarted
+    on a guess."""
+    tools = Tools(tmp_path)
+    (tools.dir / "iptables.fails").touch()
+    outcome, detail, _ = restore(loaded, tools, DockerMode.IF_NEEDED)
+    assert outcome is Outcome.FAILED
+    assert detail.startswith("cannot tell whether docker's iptables rules are intact: cannot list table nat: ")
+    assert "Permission denied (you must be root)." in detail
+    assert not [c for c in tools.calls() if "try-restart" in c]
+
+
+def test_if_needed_trusts_daemon_json_that_docker_keeps_no_rules(loaded: FakeHost, tmp_path: Path) -> None:
+    """`"iptables": false` in daemon.json: docker has no rules to lose, so none are looked for."""
+    tools = Tools(tmp_path)
+    tools.set_rules(EMPTY_NAT, EMPTY_FILTER)
+    (loaded.root / "etc/docker").mkdir(parents=True)
+    (loaded.root / "etc/docker/daemon.json").write_text('{"iptables": false}')
+    outcome, detail, _ = restore(loaded, tools, DockerMode.IF_NEEDED)
+    assert outcome is Outcome.SKIPPED and "docker manages no iptables rules" in detail
+    assert not [c for c in tools.calls() if c.startswith("iptables")]
+
+
+@pytest.mark.parametrize("mode", [DockerMode.IF_NEEDED, DockerMode.IF_ACTIVE])
+def test_docker_not_installed_is_a_clear_skip(loaded: FakeHost, tmp_path: Path, mode: DockerMode) -> None:
+    """A host without docker: skipped with "is not installed", never a failure, whatever the mode."""
+    tools = Tools(tmp_path, active=False, installed=False)
+    outcome, detail, decisions = restore(loaded, tools, mode)
+    assert (outcome, detail) == (Outcome.SKIPPED, "docker.service is not installed")
+    assert decisions[0]["restart"] is False
+
+
+def test_if_active_restarts_even_with_the_rules_intact(loaded: FakeHost, tmp_path: Path) -> None:
+    """if-active still means what it says: restart after every reload, rules or not, when active."""
+    tools = Tools(tmp_path)
+    outcome, detail, _ = restore(loaded, tools, DockerMode.IF_ACTIVE)
+    assert outcome is Outcome.OK and detail.endswith("(if-active: restarted after every module reload)")
+    assert not [c for c in tools.calls() if c.startswith("iptables")]
+    assert tools.calls()[-1] == "systemctl try-restart docker.service"
+
+
+def test_if_needed_restart_counts_for_the_breaker_and_a_skip_does_not(loaded: FakeHost, tmp_path: Path) -> None:
+    """Only a restart that happened is a restart for max_restarts: a "rules intact" skip is free."""
+    from ctwatchd.core import record
+
+    tools = Tools(tmp_path)
+    cfg = Config(modprobe=str(loaded.modprobe), docker=DockerMode.IF_NEEDED, systemctl=str(tools.systemctl),
+                 iptables=str(tools.iptables))
+    probe = KernelProbe(loaded.root)
+    loaded.unload("br_netfilter")
+    d = decide(cfg, CoreState(), probe.observe(probe.facts(), cfg.modules, [k for k, _ in cfg.sysctls]), 10.0)
+    with capture_logs():
+        result = Executor(cfg, probe, Runner(), get_logger()).execute(d.plan)
+    state = record(cfg, d.state, result, 11.0)
+    assert result.ok and state.restarts == () and not state.restarts_owed
+
+
+# -- what check shows ------------------------------------------------------------------------------
+
+def with_systemd(host: FakeHost) -> None:
+    (host.root / "run/systemd/system").mkdir(parents=True, exist_ok=True)
+
+
+@pytest.mark.parametrize(("daemon_json", "cmdline", "expected"), [
+    ('{"live-restore": true}', b"/usr/sbin/dockerd\0-H\0fd://\0", (True, "/etc/docker/daemon.json")),
+    ('{"live-restore": false}', b"/usr/sbin/dockerd\0", (False, "/etc/docker/daemon.json")),
+    (None, b"/usr/sbin/dockerd\0--live-restore\0", (True, "dockerd --live-restore")),
+    (None, b"/usr/sbin/dockerd\0", (False, "docker's default")),
+    ("{not json", b"/usr/sbin/dockerd\0", (False, "docker's default")),
+])
+def test_live_restore_is_read_from_dockerd_and_daemon_json(loaded: FakeHost, tmp_path: Path, daemon_json: str | None,
+                                                           cmdline: bytes, expected: tuple[bool, str]) -> None:
+    """live-restore from dockerd's command line, else daemon.json, else docker's default (off)."""
+    if daemon_json is not None:
+        (loaded.root / "etc/docker").mkdir(parents=True)
+        (loaded.root / "etc/docker/daemon.json").write_text(daemon_json)
+    (loaded.root / "proc/4242").mkdir(parents=True)
+    (loaded.root / "proc/4242/cmdline").write_bytes(cmdline)
+    tools = Tools(tmp_path)
+    got = DockerProbe(Runner(), systemctl=str(tools.systemctl), iptables=None, root=loaded.root) \
+        .live_restore(Unit(True, "active", 4242))
+    assert (got.enabled, got.source) == expected
+
+
+def ctw(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ctwatchd", *args], capture_output=True, text=True, timeout=30,
+                          env=os.environ, check=False)
+
+
+def test_check_shows_docker_rules_live_restore_and_warns(loaded: FakeHost, tmp_path: Path) -> None:
+    """check: docker active, its rules, live-restore off from daemon.json, and the warning that a restart
+    would stop every container."""
+    with_systemd(loaded)
+    tools = Tools(tmp_path)
+    tools.set_rules(EMPTY_NAT, FILTER)
+    (loaded.root / "etc/docker").mkdir(parents=True)
+    (loaded.root / "etc/docker/daemon.json").write_text('{"live-restore": false}')
+    cfg = loaded.config(f'[restore]\ndocker = "if-needed"\nsystemctl = "{tools.systemctl}"\n'
+                        f'iptables = "{tools.iptables}"\n')
+    r = ctw("check", "--json", "--root", str(loaded.root), "--config", str(cfg))
+    docker = json.loads(r.stdout)["docker"]
+    assert docker == {"unit": "active", "mode": "if-needed", "rules_intact": False,
+                      "rules": "DOCKER chain missing in table nat (iptables)", "live_restore": False,
+                      "live_restore_source": "/etc/docker/daemon.json",
+                      "warning": "live-restore is off: restarting docker stops every running container; "
+                                 "docker = \"if-needed\" restarts it only when its rules are gone"}
+    table = ctw("check", "--root", str(loaded.root), "--config", str(cfg)).stdout
+    assert "docker.service: active; docker = \"if-needed\"; rules: DOCKER chain missing in table nat (iptables); " \
+           "live-restore off (/etc/docker/daemon.json)" in table
+    assert "\nwarning: live-restore is off" in table
+
+
+def test_check_without_docker_says_not_installed(loaded: FakeHost, tmp_path: Path) -> None:
+    """A host without docker: check says so and asks nothing else of it."""
+    with_systemd(loaded)
+    tools = Tools(tmp_path, active=False, installed=False)
+    cfg = loaded.config(f'[restore]\ndocker = "if-needed"\nsystemctl = "{tools.systemctl}"\n'
+                        f'iptables = "{tools.iptables}"\n')
+    r = ctw("check", "--json", "--root", str(loaded.root), "--config", str(cfg))
+    assert json.loads(r.stdout)["docker"] == {"unit": "not installed", "mode": "if-needed"}
+
+
+# -- configuration ---------------------------------------------------------------------------------
+
+def test_if_needed_and_the_iptables_path_are_configuration(tmp_path: Path) -> None:
+    """docker = "if-needed" parses; iptables must be an absolute path, trusted like every executable."""
+    p = tmp_path / "c.toml"
+    p.write_text('[restore]\ndocker = "if-needed"\niptables = "/bin/sh"\n')
+    cfg = configmod.load(p)
+    assert cfg.docker is DockerMode.IF_NEEDED and cfg.iptables == "/bin/sh"
+    p.write_text('[restore]\niptables = "iptables"\n')
+    with pytest.raises(ConfigError, match=r"\[restore\] iptables must be an absolute path"):
+        configmod.load(p)
+
+
+def test_plan_names_the_docker_condition(loaded: FakeHost) -> None:
+    """`restore --dry-run` says under which condition docker would be restarted."""
+    cfg = Config(modprobe=str(loaded.modprobe), docker=DockerMode.IF_NEEDED)
+    probe = KernelProbe(loaded.root)
+    loaded.unload("nf_nat")
+    plan = decide(cfg, CoreState(), probe.observe(probe.facts(), cfg.modules, [k for k, _ in cfg.sysctls]), 0).plan
+    assert plan.steps[-1].describe() == \
+        "systemctl try-restart docker.service, if it is active and its iptables rules are gone"
