@@ -14,6 +14,9 @@ kdir=${CTWATCHD_VM_KERNEL:-$cache/kernel}
 suite=bookworm
 pkgs=systemd-sysv,udev,kmod,python3,python3-venv,iproute2,dbus,iptables,nftables,procps,curl
 pkgs+=,python3-pyudev,python3-structlog,python3-sdnotify,python3-prometheus-client
+# The docker scenarios (test_docker.py): Debian's dockerd, containerd and runc, and busybox-static for
+# an image imported offline. Installed disabled: only the docker boot enables them.
+pkgs+=,docker.io,busybox-static
 # Units that only cost boot time under TCG, or wait for things a test VM lacks
 # (measured: ~20 s -> ~16 s boot-to-poweroff). udev coldplug stays on (realism);
 # boot with systemd.mask=systemd-udev-trigger.service to save ~3 s more.
@@ -25,7 +28,7 @@ masks=(apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.
   systemd-random-seed.service systemd-update-utmp.service systemd-update-utmp-runlevel.service
   modprobe@drm.service modprobe@dm_mod.service modprobe@efi_pstore.service
   modprobe@fuse.service modprobe@loop.service modprobe@configfs.service)
-stamp_want="v1 $suite $pkgs"
+stamp_want="v2 $suite $pkgs"
 stamp=$root/.ctwatchd-sysroot
 
 mirror() {
@@ -55,6 +58,7 @@ build() {
   echo "build-root: debootstrap $suite from $url into $root" >&2
   debootstrap --variant=minbase --include="$pkgs" "$suite" "$tmp" "$url" >"$cache/debootstrap.log" 2>&1 \
     || { tail -n 30 "$cache/debootstrap.log" >&2; exit 1; }
+  chroot "$tmp" systemctl disable docker.service docker.socket containerd.service >/dev/null 2>&1 || true
   chroot "$tmp" apt-get clean
   rm -rf "$tmp/var/lib/apt/lists/"* "$tmp/var/log/journal/"*
   echo "$stamp_want" >"$tmp/.ctwatchd-sysroot"

@@ -318,3 +318,29 @@ def boot_systemd(
         results=results,
         timed_out=timed_out,
     )
+
+
+@contextmanager
+def ctwatchd_installed(root: Path, work: Path, files: Mapping[str, str | bytes | Path]) -> Iterator[str]:
+    """ctwatchd as a user installs it from a checkout: a wheel into a venv over Debian's python3-pyudev,
+    -structlog and -sdnotify, /usr/bin/ctwatchd, the unit, the catalog, plus `files` (a config, drop-ins).
+    Everything is removed again afterwards (the root is shared by every boot). Yields the venv path."""
+    wheels = work / "wheels"
+    subprocess.run([str(VENV_BIN / "python"), "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir",
+                    str(wheels), str(REPO)], check=True, timeout=300)
+    venv = install_wheel(root, next(wheels.glob("ctwatchd-*.whl")), find_links=(), system_site_packages=True)
+    written = install_files(root, {
+        "/etc/systemd/system/ctwatchd.service": REPO / "systemd/ctwatchd.service",
+        "/usr/lib/systemd/catalog/ctwatchd.catalog": REPO / "systemd/ctwatchd.catalog",
+        **files,
+    })
+    link = root / "usr/bin/ctwatchd"
+    link.unlink(missing_ok=True)
+    link.symlink_to(f"{venv}/bin/ctwatchd")
+    try:
+        yield venv
+    finally:
+        for path in written:
+            path.unlink(missing_ok=True)
+        link.unlink(missing_ok=True)
+        remove_tree(root, venv)
