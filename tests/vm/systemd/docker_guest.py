@@ -63,11 +63,14 @@ def wait_for(pred: Callable[[], bool], timeout: float, step: float = 0.2) -> flo
 
 
 def fetch_from(container: str | None, url: str, timeout: int = 3) -> bool:
-    """GET url from a container (docker exec) or from the host; True on a 200 with our page."""
-    if container is None:
-        argv = ["curl", "-s", "--max-time", str(timeout), url]
-    else:
-        argv = ["docker", "exec", container, "wget", "-q", "-O", "-", "-T", str(timeout), url]
+    """GET url from the host or from inside a container's network namespace (the host's curl entered into
+    it with nsenter: busybox-static's wget cannot resolve in an image without glibc's NSS modules)."""
+    argv = ["curl", "-s", "--max-time", str(timeout), url]
+    if container is not None:
+        pid = container_pid(container)
+        if not pid or pid == "0":
+            return False
+        argv = ["nsenter", "-t", pid, "-n", *argv]
     return "ctwatchd-test-page" in sh(*argv, timeout=timeout + 30).stdout
 
 
@@ -121,7 +124,7 @@ def make_image() -> None:
     (img / "www").mkdir(exist_ok=True)
     (img / "bin/busybox").write_bytes(Path("/bin/busybox").read_bytes())
     (img / "bin/busybox").chmod(0o755)
-    for tool in ("sh", "httpd", "wget", "sleep", "timeout", "ip", "cat"):
+    for tool in ("sh", "httpd", "sleep"):
         link = img / "bin" / tool
         if not link.exists():
             link.symlink_to("busybox")
@@ -210,7 +213,9 @@ def scenario_firewall_cleanup() -> None:
             sh(*argv)
         names = holders_first(FAMILY)
         r["unloaded"] = names
-        r["rmmod"] = sh("rmmod", *names).returncode
+        r["lsmod"] = sh("lsmod").stdout
+        removed = sh("rmmod", *names)
+        r["rmmod"], r["rmmod_err"] = removed.returncode, removed.stderr
         r["gone"] = [m for m in FAMILY if initstate(m) is None]
         r["during_host"] = fetch_from(None, url, 2)
     t0 = time.monotonic()
@@ -238,7 +243,10 @@ def removal_decision(label: str) -> dict[str, Any]:
     since = now_stamp()
     pid0 = docker_pid()
     sh("rmmod", "br_netfilter")
-    wait_for(lambda: initstate("br_netfilter") == "live" and bool(journal("docker.decision", since)), 120)
+    # The whole restore, docker's try-restart included, must be over before the next step of the script
+    # touches docker (a `systemctl stop` would cancel the restart job).
+    wait_for(lambda: initstate("br_netfilter") == "live" and bool(journal("docker.decision", since))
+             and bool(journal("restore.finished", since)), 300)
     time.sleep(2)
     decisions = journal("docker.decision", since)
     return {"label": label, "pid_changed": docker_pid() != pid0,
@@ -261,6 +269,9 @@ def scenario_if_active_and_absent() -> None:
         src = Path("/lib/systemd/system") / unit
         if src.exists():
             src.rename(HIDDEN / unit)
+    dropins = Path("/etc/systemd/system/docker.service.d")
+    if dropins.exists():  # a unit with drop-ins alone still loads: hide them too
+        dropins.rename(HIDDEN / "docker.service.d")
     must("systemctl", "daemon-reload")
     r["unit_load_state"] = prop("docker.service", "LoadState")
     reload_config(base)
@@ -268,6 +279,8 @@ def scenario_if_active_and_absent() -> None:
     for unit in ("docker.service", "docker.socket"):
         if (HIDDEN / unit).exists():
             (HIDDEN / unit).rename(Path("/lib/systemd/system") / unit)
+    if (HIDDEN / "docker.service.d").exists():
+        (HIDDEN / "docker.service.d").rename("/etc/systemd/system/docker.service.d")
     must("systemctl", "daemon-reload")
     r["ctwatchd_state"] = prop("ctwatchd.service", "ActiveState")
 

@@ -84,7 +84,8 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 (root / link.lstrip("/")).unlink(missing_ok=True)
             hidden = root / "root/hidden-docker-units"  # put back if the guest died before it did
             for unit in hidden.glob("*") if hidden.is_dir() else []:
-                shutil.move(str(unit), str(root / "lib/systemd/system" / unit.name))
+                home = "etc/systemd/system" if unit.name.endswith(".d") else "lib/systemd/system"
+                shutil.move(str(unit), str(root / home / unit.name))
             shutil.rmtree(hidden, ignore_errors=True)
     assert not boot.timed_out, boot.console[-3000:]
     data: dict[str, Any] = json.loads((work / "results/docker.json").read_text())
