@@ -197,6 +197,10 @@ def scenario_isolation() -> None:
     t0 = time.monotonic()
     r["isolated_again_after_s"] = wait_for(lambda: not fetch_from("iso-b", url, 2), 60, 0.2)
     r["unload_to_isolated_s"] = round(time.monotonic() - t0, 2)
+    # Containers on a user-defined network carry nat rules in their own netns (docker's embedded DNS):
+    # they would keep nf_nat in use and the clean-up below could not unload it.
+    sh("docker", "rm", "-f", "iso-a", "iso-b")
+    sh("docker", "network", "rm", "isolated")
 
 
 def scenario_firewall_cleanup() -> None:
@@ -272,8 +276,12 @@ def scenario_if_active_and_absent() -> None:
     dropins = Path("/etc/systemd/system/docker.service.d")
     if dropins.exists():  # a unit with drop-ins alone still loads: hide them too
         dropins.rename(HIDDEN / "docker.service.d")
+    sysv = Path("/etc/init.d/docker")
+    if sysv.exists():  # or systemd-sysv-generator makes a docker.service of docker.io's init script
+        sysv.rename(HIDDEN / "init.d-docker")
     must("systemctl", "daemon-reload")
     r["unit_load_state"] = prop("docker.service", "LoadState")
+    r["unit_fragment"] = prop("docker.service", "FragmentPath") + " " + prop("docker.service", "SourcePath")
     reload_config(base)
     r["absent"] = removal_decision("if-needed, docker not installed")
     for unit in ("docker.service", "docker.socket"):
@@ -281,6 +289,8 @@ def scenario_if_active_and_absent() -> None:
             (HIDDEN / unit).rename(Path("/lib/systemd/system") / unit)
     if (HIDDEN / "docker.service.d").exists():
         (HIDDEN / "docker.service.d").rename("/etc/systemd/system/docker.service.d")
+    if (HIDDEN / "init.d-docker").exists():
+        (HIDDEN / "init.d-docker").rename("/etc/init.d/docker")
     must("systemctl", "daemon-reload")
     r["ctwatchd_state"] = prop("ctwatchd.service", "ActiveState")
 
