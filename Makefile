@@ -19,7 +19,7 @@ health: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check ctwatchd tests bench
 	# Each test tier is its own import root (conftest.py in each), so mypy checks them one by one.
-	MYPYPATH=tests/vm:tests/unit $(BIN)/mypy ctwatchd bench
+	MYPYPATH=tests/vm:tests/unit:tests/vm/systemd $(BIN)/mypy ctwatchd bench
 	for d in tests/*/; do $(BIN)/mypy "$$d" || exit 1; done
 
 unit: $(BIN)/.installed
