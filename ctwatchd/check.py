@@ -51,7 +51,7 @@ class Report:
             "kernel": obs.release,
             "modules": [
                 {"name": n, "state": obs.modules[n].state.value, "detail": obs.modules[n].detail,
-                 "blocker": obs.modules[n].blocker, "note": obs.modules[n].note}
+                 "blocker": obs.modules[n].blocker, "note": obs.modules[n].note, "guard": obs.modules[n].guard}
                 for n in self.look.watched
             ],
             "conntrack_count": obs.conntrack_count,
@@ -146,6 +146,12 @@ def format_table(report: Report) -> str:
     for key, value in obs.sysctls.items():
         shown = clean(value, 40) if value is not None else "missing"
         lines.append(f"{key:<45} {shown:<10} {want.get(key, '')}")
+    guarded = [n for n in report.look.watched if obs.modules[n].guard]
+    if guarded:
+        where = {str(obs.modules[n].guard) for n in guarded}
+        lines += ["", f"unload guard: modprobe -r refused for {', '.join(guarded)} ({'; '.join(sorted(where))})"]
+    else:
+        lines += ["", "unload guard: none (`ctwatchd protect` makes modprobe -r of the watched modules fail)"]
     lines += ["", f"docker.service: {_docker_line(report.docker)}"]
     if report.docker.get("warning"):
         lines.append(f"warning: {report.docker['warning']}")

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     rst = sub.add_parser("restore", help="reconcile once now: exit 0 done or nothing to do, 1 a step failed")
     common(rst)
     rst.add_argument("--dry-run", action="store_true", help="print the ordered plan and change nothing")
+    prt = sub.add_parser("protect", help="make `modprobe -r` of the watched modules fail (a modprobe.d guard)")
+    common(prt)
+    prt.add_argument("--remove", action="store_true", help="take the guard away again")
+    prt.add_argument("--dry-run", action="store_true", help="print what would be written or removed")
     return p
 
 
@@ -162,9 +166,47 @@ def _settled_look(inspector: Inspector, cfg: configmod.Config, state: core.CoreS
         time.sleep(min(max(0.0, wake - now), 1.0))
 
 
+def cmd_protect(args: argparse.Namespace) -> int:
+    from ctwatchd import protect
+    from ctwatchd.verdict import Inspector
+
+    try:
+        cfg = configmod.load(args.config)
+    except ConfigError as exc:
+        print(f"ctwatchd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    path = protect.guard_path(args.root)
+    shown = "/" + protect.GUARD
+    if args.remove:
+        if args.dry_run:
+            print(f"would remove {shown}" if path.exists() else f"{shown} is not there: nothing to remove")
+            return 0
+        try:
+            _, removed = protect.remove(args.root)
+        except protect.ProtectError as exc:
+            print(f"ctwatchd: {exc}", file=sys.stderr)
+            return 1
+        print(f"removed {shown}: modprobe -r unloads the watched modules again" if removed
+              else f"{shown} is not there: nothing to remove")
+        return 0
+    modules = Inspector(KernelProbe(args.root)).look(cfg, core.CoreState(), time.monotonic()).watched
+    if args.dry_run:
+        print(f"would write {shown}:")
+        print(protect.guard_text(modules), end="")
+        return 0
+    try:
+        _, changed = protect.apply(args.root, modules)
+    except protect.ProtectError as exc:
+        print(f"ctwatchd: {exc}", file=sys.stderr)
+        return 1
+    print(f"{'wrote' if changed else 'already in place:'} {shown}: modprobe -r of {', '.join(modules)} now fails. "
+          "rmmod reads no modprobe.d; ctwatchd restores what it removes.")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "check": cmd_check, "restore": cmd_restore}[args.command]
+    handler = {"run": cmd_run, "check": cmd_check, "restore": cmd_restore, "protect": cmd_protect}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

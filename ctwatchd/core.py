@@ -64,9 +64,11 @@ def classify(ev: ModuleEvidence, facts: KernelFacts) -> ModuleStatus:
     blocker = str(rule) if rule else None
     noted = facts.notes.get(name)
     note = f"{noted}: modprobe ignores a blacklist for a module it is asked for by name" if noted else None
+    guarded = facts.guards.get(name)
+    guard = str(guarded) if guarded else None
 
     def status(state: ModuleState, detail: str, instance: int | None = None) -> ModuleStatus:
-        return ModuleStatus(name, state, detail, blocker, instance, note)
+        return ModuleStatus(name, state, detail, blocker, instance, note, guard)
 
     state = _INITSTATES.get(ev.initstate or "")
     if state is not None:

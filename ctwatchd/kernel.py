@@ -38,8 +38,9 @@ EVIDENCE = {
 # modprobe.d search order; a file name found earlier hides the same name later (modprobe.d(5)).
 MODPROBE_DIRS = ("etc/modprobe.d", "run/modprobe.d", "usr/local/lib/modprobe.d", "usr/lib/modprobe.d",
                  "lib/modprobe.d")
-# Commands an `install` rule may run and still load the module it names.
+# Commands an `install` rule may run and still load the module it names; a `remove` rule, unload it.
 LOADERS = {"modprobe", "insmod"}
+UNLOADERS = {"modprobe", "rmmod"}
 # A kernel release as uname prints it; anything else in osrelease (a NUL, a path) is not used in a path.
 RELEASE = re.compile(r"[A-Za-z0-9._+~-]{1,64}")
 BOOT_ID = re.compile(r"[0-9a-f-]{36}")
@@ -121,8 +122,13 @@ class KernelProbe:
         conf_files = self._conf_files()
         blockers: dict[str, Blocker] = {}
         notes: dict[str, Blocker] = {}
-        for name, rule in self._rules(conf_files, problems):
-            (blockers if rule.blocks else notes).setdefault(name, rule)
+        guards: dict[str, Blocker] = {}
+        for name, directive, rule in self._rules(conf_files, problems):
+            if directive == "remove":
+                if rule.blocks:
+                    guards.setdefault(name, rule)
+            else:
+                (blockers if rule.blocks else notes).setdefault(name, rule)
         return KernelFacts(
             release=release,
             module_support=os.path.exists(self.root / "proc/modules"),
@@ -132,6 +138,7 @@ class KernelProbe:
             kconfig=self._kconfig(release, problems),
             blockers=blockers,
             notes=notes,
+            guards=guards,
             conf_files=conf_files,
             fingerprint=self.fingerprint(release, conf_files),
             problems=tuple(problems),
@@ -174,7 +181,7 @@ class KernelProbe:
                 seen.setdefault(name, self.root / d / name)
         return tuple(seen[name] for name in sorted(seen))
 
-    def _rules(self, files: Iterable[Path], problems: list[str]) -> Iterator[tuple[str, Blocker]]:
+    def _rules(self, files: Iterable[Path], problems: list[str]) -> Iterator[tuple[str, str, Blocker]]:
         for path in files:
             text = self._text(path, problems, limit=CONF_FILE_LIMIT)
             if text is None:
@@ -183,8 +190,8 @@ class KernelProbe:
             for lineno, words in _conf_lines(text):
                 rule = classify_rule(words)
                 if rule is not None:
-                    name, blocks = rule
-                    yield name, Blocker(clean(" ".join(words), 200), f"{shown}:{lineno}", blocks)
+                    name, directive, effective = rule
+                    yield name, directive, Blocker(clean(" ".join(words), 200), f"{shown}:{lineno}", effective)
 
     # -- live state ---------------------------------------------------------------------------
     def initstate(self, name: str) -> str | None:
@@ -334,22 +341,25 @@ def _why(exc: BaseException) -> str:
     return clean(str(exc)) or type(exc).__name__
 
 
-def classify_rule(words: Sequence[str]) -> tuple[str, bool] | None:
-    """(module, stops-the-load) for a modprobe.d line that concerns loading a module, else None.
+def classify_rule(words: Sequence[str]) -> tuple[str, str, bool] | None:
+    """(module, directive, effective) for a modprobe.d line about loading or unloading a module.
 
     modprobe(8) ignores `blacklist` for a module named on its command line, as ctwatchd names them:
-    a note, not a block. An `install` rule replaces the load with its command, so it blocks unless
-    that command itself runs modprobe or insmod on the module (the usual --ignore-install wrapper).
+    never effective, a note. An `install` rule replaces the load with its command, so it blocks unless
+    that command itself runs modprobe or insmod on the module (the usual --ignore-install wrapper). A
+    `remove` rule replaces `modprobe -r` the same way: effective (a guard against unloading) unless it
+    runs modprobe or rmmod on the module.
     """
-    if len(words) < 2 or not is_module_name(words[1]) or words[0] not in ("blacklist", "install"):
+    if len(words) < 2 or not is_module_name(words[1]) or words[0] not in ("blacklist", "install", "remove"):
         return None
     name = normalize_module(words[1])
     if words[0] == "blacklist":
-        return name, False
+        return name, "blacklist", False
     command = words[2:]
-    loads = any(os.path.basename(w) in LOADERS for w in command) and any(
+    tools = LOADERS if words[0] == "install" else UNLOADERS
+    runs_it = any(os.path.basename(w) in tools for w in command) and any(
         normalize_module(w) == name for w in command)
-    return name, not loads
+    return name, words[0], not runs_it
 
 
 _KCONFIG_LINE = re.compile(r"(CONFIG_[A-Z0-9_]+)=(.*)")

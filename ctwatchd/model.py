@@ -96,6 +96,7 @@ class KernelFacts:
     kconfig: dict[str, str] = field(default_factory=dict)  # CONFIG_X -> "y" | "m" for the symbols we know
     blockers: dict[str, Blocker] = field(default_factory=dict)  # rules that stop a load
     notes: dict[str, Blocker] = field(default_factory=dict)  # rules that do not (blacklist)
+    guards: dict[str, Blocker] = field(default_factory=dict)  # `remove` rules that stop `modprobe -r`
     conf_files: tuple[Path, ...] = ()  # the modprobe.d files read
     fingerprint: tuple[float, ...] = ()
     problems: tuple[str, ...] = ()  # files that could not be read, one sentence each
@@ -140,6 +141,7 @@ class ModuleStatus:
     blocker: str | None = None  # the modprobe.d rule, also reported when the module is live
     instance: int | None = None  # inode of /sys/module/<name>: a reload makes a new one
     note: str | None = None  # a rule that does not stop the load (blacklist), said once
+    guard: str | None = None  # a `remove` rule that stops `modprobe -r` (ctwatchd protect)
 
 
 @dataclass(frozen=True)
