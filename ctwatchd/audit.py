@@ -77,6 +77,9 @@ EVENTS: dict[str, EventType] = {
                                    "restore succeeded {count} times in a row but did not hold ({reason}): "
                                    "something undoes it; next attempt in {retry_in} s"),
     "facts.problem": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b19", "kernel tree: {detail}"),
+    "sysctl.conflict": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b1c",
+                                 "{source} sets {key} = {value} but ctwatchd wants {want}: ctwatchd writes it "
+                                 "back after each module load; change that file to end the fight"),
     "docker.decision": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b1b",
                                  "docker ({mode}): restart={restart}: {reason}"),
     "daemon.internal_error": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b1a",

@@ -60,6 +60,7 @@ class Report:
             "errors": list(self.errors),
             "notes": list(self.notes),
             "would_do": [s.describe() for s in self.look.decision.plan.steps],
+            "conflicts": [str(c) for c in self.look.conflicts],
             "docker": self.docker,
             "daemon": self.daemon,
         }
@@ -170,6 +171,8 @@ def format_table(report: Report) -> str:
     if plan.steps:
         lines += ["", "ctwatchd restore would:"] + [f"  {i}. {s.describe()}" for i, s in enumerate(plan.steps, 1)]
     lines.append("")
+    for conflict in report.look.conflicts:
+        lines.append(f"conflict: {conflict} (written back after each module load)")
     for note in report.notes:
         lines.append(f"note: {note}")
     for err in report.errors:

@@ -44,6 +44,10 @@ SYSCTL_OWNERS = (("net.bridge.", BR_NETFILTER), ("net.netfilter.nf_conntrack_", 
 # A sysctl restore that succeeds but is needed again at once, this many times in a row with no look in
 # between that needed nothing, is being undone by something else: back off instead of fighting it.
 UNSETTLED_AFTER = 3
+# After a load, look again this many seconds later even without an event: udev runs its rules for the
+# new module (the sysctl.d(5) rule reapplies /net/bridge) after the kernel's add event, and a value
+# it puts back must be won again once udev is done, not at the next poll.
+SETTLE_AFTER = (0.5, 1.0, 2.0, 4.0)
 # Kconfig symbols of the modules we know, for telling "built in" from "missing" via the kernel config.
 KCONFIG = {
     CONNTRACK: "CONFIG_NF_CONNTRACK",
@@ -173,6 +177,7 @@ class CoreState:
     transient_since: Mapping[str, float] = field(default_factory=dict)
     restarts_owed: bool = False  # modules were reloaded but docker/hooks have not run successfully since
     unsettled: int = 0  # successful restores in a row, each needed again at the next look
+    settle: tuple[float, ...] = ()  # monotonic times to look again after a load (udev's rules)
     dropped: tuple[str, ...] = ()  # snapshot keys dropped by the last decide/record, for the audit
 
 
@@ -335,7 +340,10 @@ def decide(cfg: Config, state: CoreState, obs: Observation, now: float) -> Decis
         reason = "healthy" if health.healthy else "nothing ctwatchd can do: " + "; ".join(health.problems)
     if not steps and state.unsettled:
         state = replace(state, unsettled=0)  # a look that needs nothing: whatever fought us has stopped
-    return Decision(state, RestorePlan(tuple(steps), reason, skipped), None, health)
+    settle = tuple(t for t in state.settle if t > now)
+    if settle != state.settle:
+        state = replace(state, settle=settle)
+    return Decision(state, RestorePlan(tuple(steps), reason, skipped), settle[0] if settle else None, health)
 
 
 def _sysctl_writes(cfg: Config, obs: Observation, *, loading: Sequence[str]) -> tuple[tuple[str, str], ...]:
@@ -381,6 +389,8 @@ def record(cfg: Config, state: CoreState, result: RestoreResult, now: float) -> 
         restarts = (*restarts, now)
     owed = _restarts_owed(state, result)
     dropped = tuple(k for r in result.results for k in r.dropped)
+    if any(r.step.kind is StepKind.LOAD_MODULE and r.outcome is Outcome.OK for r in result.results):
+        state = replace(state, settle=tuple(now + d for d in SETTLE_AFTER))
     if dropped:
         state = replace(state, tuning={k: v for k, v in state.tuning.items() if k not in dropped},
                         dropped=state.dropped + dropped)

@@ -29,6 +29,7 @@ from ctwatchd.model import (
     is_module_name,
     normalize_module,
 )
+from ctwatchd.sysctld import SYSCTL_CONF, SYSCTL_DIRS, read_settings, sysctl_files
 
 # Files that exist only while a module's code is in the kernel: evidence when /sys/module says nothing.
 EVIDENCE = {
@@ -77,7 +78,7 @@ class KernelProbe:
         at the next poll for the price of a few stat() calls.
         """
         paths = [f"{self._root}/lib/modules/{release}/modules.dep", *(f"{self._root}/{d}" for d in MODPROBE_DIRS),
-                 *files]
+                 *(f"{self._root}/{d}" for d in SYSCTL_DIRS), f"{self._root}/{SYSCTL_CONF}", *files]
         out: list[float] = []
         for p in paths:
             try:
@@ -120,6 +121,7 @@ class KernelProbe:
         builtin = frozenset(_module_names(builtin_text.splitlines())) if builtin_text else frozenset()
         deps = _parse_deps(self._text(moddir / "modules.dep", problems, limit=TREE_FILE_LIMIT) or "")
         conf_files = self._conf_files()
+        sysctl_d = read_settings(self.root, problems)
         blockers: dict[str, Blocker] = {}
         notes: dict[str, Blocker] = {}
         guards: dict[str, Blocker] = {}
@@ -139,8 +141,9 @@ class KernelProbe:
             blockers=blockers,
             notes=notes,
             guards=guards,
-            conf_files=conf_files,
-            fingerprint=self.fingerprint(release, conf_files),
+            sysctl_d=sysctl_d,
+            conf_files=(*conf_files, *sysctl_files(self.root)),
+            fingerprint=self.fingerprint(release, (*conf_files, *sysctl_files(self.root))),
             problems=tuple(problems),
         )
 

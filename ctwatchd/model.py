@@ -85,6 +85,27 @@ class Blocker:
 
 
 @dataclass(frozen=True)
+class Setting:
+    """One sysctl.d(5) assignment."""
+
+    key: str  # dotted, or a glob such as net.ipv4.conf.*.rp_filter
+    value: str
+    source: str  # "/etc/sysctl.d/99-test.conf:1"
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A desired sysctl that sysctl.d (and the udev rule reapplying it on module load) sets otherwise."""
+
+    key: str
+    want: str
+    setting: Setting
+
+    def __str__(self) -> str:
+        return f"{self.setting.source} sets {self.key} = {self.setting.value}, ctwatchd wants {self.want}"
+
+
+@dataclass(frozen=True)
 class KernelFacts:
     """What does not change while the kernel runs (re-read on SIGHUP and when the files change)."""
 
@@ -97,7 +118,8 @@ class KernelFacts:
     blockers: dict[str, Blocker] = field(default_factory=dict)  # rules that stop a load
     notes: dict[str, Blocker] = field(default_factory=dict)  # rules that do not (blacklist)
     guards: dict[str, Blocker] = field(default_factory=dict)  # `remove` rules that stop `modprobe -r`
-    conf_files: tuple[Path, ...] = ()  # the modprobe.d files read
+    sysctl_d: dict[str, Setting] = field(default_factory=dict)  # what sysctl.d would set, last wins
+    conf_files: tuple[Path, ...] = ()  # the modprobe.d and sysctl.d files read (their mtimes: fingerprint)
     fingerprint: tuple[float, ...] = ()
     problems: tuple[str, ...] = ()  # files that could not be read, one sentence each
 

@@ -19,6 +19,7 @@ class Reporter:
         self.status = ""
         self.states: dict[str, ModuleState] = {}
         self.notes: set[str] = set()
+        self.conflicts: set[str] = set()
         self.breaker = False
         self._metrics_error: str | None = None
 
@@ -39,6 +40,11 @@ class Reporter:
             else:
                 self.log.info("module.state", module=name, state=st.state.value, detail=st.detail,
                               previous=prev.value if prev else None)
+        for conflict in look.conflicts:
+            if str(conflict) not in self.conflicts:  # once per file, line and key: not drift at every load
+                self.conflicts.add(str(conflict))
+                self.log.warning("sysctl.conflict", key=conflict.key, want=conflict.want,
+                                 value=conflict.setting.value, source=conflict.setting.source)
         if look.decision.state.dropped:
             self.log.warning("tuning.dropped", keys=" ".join(look.decision.state.dropped))
         if health.breaker_open != self.breaker:

@@ -17,7 +17,8 @@ from ctwatchd import state as statefile
 from ctwatchd.config import Config
 from ctwatchd.core import CoreState, Decision
 from ctwatchd.kernel import KernelProbe
-from ctwatchd.model import KernelFacts, Observation, clean
+from ctwatchd.model import Conflict, KernelFacts, Observation, clean
+from ctwatchd.sysctld import conflicts
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Look:
     observation: Observation
     decision: Decision
     watched: tuple[str, ...]  # the desired modules plus the legacy ones this kernel has
+    conflicts: tuple[Conflict, ...] = ()  # sysctl.d files that would set a desired value otherwise
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,8 @@ class Inspector:
             self.refresh()
             obs = self.observe(cfg)
             decision = core.decide(cfg, state, obs, now)
-        return Look(self.facts, obs, decision, core.effective_modules(cfg.modules, obs))
+        return Look(self.facts, obs, decision, core.effective_modules(cfg.modules, obs),
+                    tuple(conflicts(cfg.sysctls, self.facts.sysctl_d)))
 
     def resume(self, cfg: Config, now: float) -> Resumed:
         """The CoreState the daemon left in its state file, valid for this boot; fresh when there is none."""

@@ -593,7 +593,7 @@ def test_huge_rejected_value_gives_a_short_escaped_error(loaded: FakeHost, tmp_p
     with pytest.raises(ConfigError) as exc:
         configmod.load(p)
     text = str(exc.value)
-    assert text.startswith(f'{p}: [restore] docker must be "never" or "if-active", not ')
+    assert text.startswith(f'{p}: [restore] docker must be "never" or "if-active" or "if-needed", not ')
     assert len(text.encode()) < 1024 and "\\x1b]0;owned\\x07AAA" in text
     assert not any(c in text for c in "\x1b\x07\n")
     r = ctw("check", "--root", str(loaded.root), "--config", str(p))
