@@ -105,6 +105,7 @@ def daemon_state(cfg: Config, probe: KernelProbe, resumed: Resumed, now: float) 
         "restarts_in_window": len(recent),
         "restarts_owed": resumed.state.restarts_owed,
         "tuning_snapshot": len(saved.tuning),
+        "collateral": sorted(resumed.state.dependents),
         "pid": saved.pid,
     })
     ago = f"{now - saved.written_at:.0f} s ago" if saved.written_at is not None else "an unknown time ago"
@@ -167,6 +168,8 @@ def format_table(report: Report) -> str:
             lines.append(f"daemon: {running}; its last status: {d['status'] or 'none'}")
     else:
         lines.append(f"daemon: {d.get('error') or d.get('running')}")
+    if d.get("collateral"):
+        lines.append(f"remembered to come back with them: {', '.join(d['collateral'])}")
     plan = report.look.decision.plan
     if plan.steps:
         lines += ["", "ctwatchd restore would:"] + [f"  {i}. {s.describe()}" for i, s in enumerate(plan.steps, 1)]

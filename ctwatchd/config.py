@@ -68,6 +68,8 @@ class Config:
     modprobe: str | None = None  # None: the first of /usr/sbin/modprobe, /sbin/modprobe
     systemctl: str | None = None  # None: the first of /usr/bin/systemctl, /bin/systemctl
     iptables: str | None = None  # None: the first of /usr/sbin/iptables, /sbin/iptables (docker's rules)
+    collateral: bool = True  # bring back the loaded modules that depended on a reloaded watched one
+    never_restore: tuple[str, ...] = ()  # module names or globs collateral restore leaves alone
     module_timeout: float = 30.0
     hook_timeout: float = 60.0
     docker_timeout: float = 120.0
@@ -260,6 +262,8 @@ def _restore(path: Path | None, table: object) -> dict[str, Any]:
         "backoff_initial": r.number("backoff_initial", d.backoff_initial, low=0.01, high=3600),
         "backoff_max": r.number("backoff_max", d.backoff_max, low=0.01, high=86400),
         "max_restarts": _restarts(r, d.max_restarts),
+        "collateral": r.take("collateral", bool, d.collateral),
+        "never_restore": _globs(r, "never_restore"),
         "restart_window": r.number("restart_window", d.restart_window, low=1, high=86400),
     }
     for key in ("modprobe", "systemctl", "iptables"):
@@ -291,6 +295,19 @@ DEFAULTS = Config()
 _SECTIONS: dict[str, Callable[[Path | None, object], dict[str, Any]]] = {
     "watch": _watch, "sysctl": _sysctl, "restore": _restore, "daemon": _daemon, "metrics": _metrics,
 }
+
+
+MODULE_GLOB = re.compile(r"[A-Za-z0-9_*?\[][A-Za-z0-9_*?\[\]-]{0,63}")  # no leading "-"
+
+
+def _globs(r: _Reader, key: str) -> tuple[str, ...]:
+    out: list[str] = []
+    for i, item in enumerate(r.take(key, list, [])):
+        if not isinstance(item, str) or not MODULE_GLOB.fullmatch(item):
+            raise ConfigError(f"{r.where(key)}[{i}] must be a module name or a glob such as \"xt_*\", "
+                              f"not {_echo(item)}.")
+        out.append(normalize_module(item))
+    return tuple(out)
 
 
 def _restarts(r: _Reader, default: int) -> int:

@@ -7,7 +7,8 @@ as a table of inputs and outputs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from ctwatchd.config import Config, DockerMode
@@ -108,11 +109,53 @@ def kernel_version(release: str) -> tuple[int, int]:
         return (99, 0)
 
 
-def observed_modules(desired: Sequence[str], release: str) -> tuple[str, ...]:
-    """What to look at: the desired set plus, on kernels old enough to have them, the legacy modules."""
+def observed_modules(desired: Sequence[str], release: str, dependents: Iterable[str] = ()) -> tuple[str, ...]:
+    """What to look at: the desired set plus, on kernels old enough to have them, the legacy modules, and
+    the remembered collateral."""
     version = kernel_version(release)
     legacy = [m for m, (parent, fixed_in) in LEGACY.items() if parent in desired and version < fixed_in]
-    return tuple(dict.fromkeys([*desired, *legacy]))
+    return tuple(dict.fromkeys([*desired, *legacy, *dependents]))
+
+
+def never_restore(cfg: Config, module: str) -> bool:
+    return any(fnmatch.fnmatchcase(module, pattern) for pattern in cfg.never_restore)
+
+
+def collateral_due(cfg: Config, state: CoreState, obs: Observation) -> tuple[str, ...]:
+    """Remembered dependents that went with their watched module and are to come back with it now.
+
+    Due when it is absent and one of its bases is absent too (reloaded by this plan) or live as a new
+    instance (reloaded by someone else). A dependent removed alone, its bases still the same modules,
+    is the operator's choice and is not due.
+    """
+    if not cfg.collateral:
+        return ()
+    due: list[str] = []
+    for dep, bases in state.dependents.items():
+        st = obs.modules.get(dep)
+        if st is None or st.state is not ModuleState.ABSENT or never_restore(cfg, dep):
+            continue
+        for base in bases:
+            b = obs.modules.get(base)
+            if b is not None and (b.state is ModuleState.ABSENT or (
+                    b.state is ModuleState.LIVE and b.instance is not None
+                    and b.instance != state.base_instances.get(base, b.instance))):
+                due.append(dep)
+                break
+    return tuple(due)
+
+
+def _learn(cfg: Config, state: CoreState, obs: Observation, health_ok: bool, due: Sequence[str]) -> CoreState:
+    """While healthy and owing nothing, remember what depends on the watched modules now."""
+    if not cfg.collateral or obs.holders is None or not health_ok or due:
+        return state
+    watched = set(observed_modules(cfg.modules, obs.release))  # restored as themselves, not as collateral
+    dependents = {m: bases for m, bases in obs.holders.items() if m not in watched and not never_restore(cfg, m)}
+    instances = {b: st.instance for b in {x for bs in dependents.values() for x in bs}
+                 if (st := obs.modules.get(b)) is not None and st.instance is not None}
+    if dependents != dict(state.dependents) or instances != dict(state.base_instances):
+        return replace(state, dependents=dependents, base_instances=instances)
+    return state
 
 
 def effective_modules(desired: Sequence[str], obs: Observation) -> tuple[str, ...]:
@@ -178,6 +221,10 @@ class CoreState:
     restarts_owed: bool = False  # modules were reloaded but docker/hooks have not run successfully since
     unsettled: int = 0  # successful restores in a row, each needed again at the next look
     settle: tuple[float, ...] = ()  # monotonic times to look again after a load (udev's rules)
+    # Collateral: loaded modules that depended on a watched one while healthy -> those watched modules,
+    # and the watched modules' /sys/module instances at that time (a new one means they were reloaded).
+    dependents: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    base_instances: Mapping[str, int] = field(default_factory=dict)
     dropped: tuple[str, ...] = ()  # snapshot keys dropped by the last decide/record, for the audit
 
 
@@ -197,10 +244,11 @@ def core_state(saved: SavedState, *, boot_id: str | None, now: float) -> CoreSta
     compares with the live values like any other. Times in the future are refused, never trusted.
     """
     if saved.boot_id is None or saved.boot_id != boot_id:
-        return CoreState(tuning=saved.tuning)
+        return CoreState(tuning=saved.tuning, dependents=saved.dependents)
     restarts = tuple(t for t in saved.restarts if t <= now)
     return CoreState(tuning=saved.tuning, conntrack_reloaded=saved.conntrack_reloaded, restarts=restarts,
-                     conntrack_instance=saved.conntrack_instance, restarts_owed=saved.restarts_owed)
+                     conntrack_instance=saved.conntrack_instance, restarts_owed=saved.restarts_owed,
+                     dependents=saved.dependents, base_instances=saved.base_instances)
 
 
 def restarts_wanted(cfg: Config) -> bool:
@@ -304,9 +352,10 @@ def decide(cfg: Config, state: CoreState, obs: Observation, now: float) -> Decis
         return Decision(state, RestorePlan((), why), state.retry_at, health)
 
     blocked = {n for n, s in obs.modules.items() if s.state is ModuleState.BLOCKED}
+    due = collateral_due(cfg, state, obs)
     # modprobe would pull a blocked dependency in along with its user: that is fighting the block too.
-    to_load = [n for n in names if (s := obs.modules.get(n)) is not None and s.state is ModuleState.ABSENT
-               and not blocked.intersection(obs.deps.get(n, ()))]
+    to_load = [n for n in (*names, *due) if (s := obs.modules.get(n)) is not None
+               and s.state is ModuleState.ABSENT and not blocked.intersection(obs.deps.get(n, ()))]
     to_load = list(dependency_order(to_load, obs.deps))
     steps = [Step(StepKind.LOAD_MODULE, module=n) for n in to_load]
     if CONNTRACK in to_load:
@@ -331,7 +380,10 @@ def decide(cfg: Config, state: CoreState, obs: Observation, now: float) -> Decis
             steps.extend(Step(StepKind.RUN_HOOK, argv=argv) for argv in cfg.hooks)
 
     if to_load:
-        reason = "not loaded: " + ", ".join(to_load)
+        own = [n for n in to_load if n not in due]
+        went_with = [n for n in to_load if n in due]
+        reason = "; ".join([*(["not loaded: " + ", ".join(own)] if own else []),
+                            *(["loaded with them before: " + ", ".join(went_with)] if went_with else [])])
     elif writes or tuning:
         reason = "sysctl drift: " + ", ".join(k for k, _ in (*writes, *tuning))
     elif steps:
@@ -340,6 +392,7 @@ def decide(cfg: Config, state: CoreState, obs: Observation, now: float) -> Decis
         reason = "healthy" if health.healthy else "nothing ctwatchd can do: " + "; ".join(health.problems)
     if not steps and state.unsettled:
         state = replace(state, unsettled=0)  # a look that needs nothing: whatever fought us has stopped
+    state = _learn(cfg, state, obs, health.healthy and not steps, due)
     settle = tuple(t for t in state.settle if t > now)
     if settle != state.settle:
         state = replace(state, settle=settle)

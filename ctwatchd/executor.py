@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ctwatchd.config import MODPROBE_PATHS, SYSTEMCTL_PATHS, Config, DockerMode
 from ctwatchd.docker import DOCKER_UNIT, DockerProbe
-from ctwatchd.kernel import KernelProbe, sysctl_path
+from ctwatchd.kernel import KernelProbe, tuning_path
 from ctwatchd.model import (
     AuditLog,
     Outcome,
@@ -133,7 +133,7 @@ class Executor:
             current = self.probe.read_sysctl(key)
             if current is not None and normalize_value(current) == normalize_value(value):
                 continue  # already right: no write (a buckets write would even rehash the table)
-            problem = write_sysctl(self.probe.proc_sys, key, value)
+            problem = write_sysctl(self.probe.root, key, value)
             written += 1
             self.log.info("sysctl.write", key=key, value=value, previous=current,
                           result="ok" if problem is None else "failed", detail=problem)
@@ -153,7 +153,7 @@ class Executor:
             current = self.probe.read_sysctl(key)
             if current is not None and normalize_value(current) == normalize_value(value):
                 continue
-            problem = write_sysctl(self.probe.proc_sys, key, value)
+            problem = write_sysctl(self.probe.root, key, value)
             written += 1
             gone = problem is not None and (current is None or "(EINVAL)" in problem)
             self.log.info("sysctl.write", key=key, value=value, previous=current,
@@ -208,10 +208,11 @@ class Executor:
         return (Outcome.INTERRUPTED if done.interrupted else Outcome.FAILED), done.why()
 
 
-def write_sysctl(proc_sys: Path, key: str, value: str) -> str | None:
-    """Write one sysctl and read it back; None on success, else a sentence naming key and cause."""
+def write_sysctl(root: Path, key: str, value: str) -> str | None:
+    """Write one sysctl (or nf_conntrack parameter) and read it back; None on success, else a sentence
+    naming key and cause."""
     try:
-        path = sysctl_path(proc_sys, key)
+        path = tuning_path(root, key)
     except ValueError as exc:
         return str(exc)
     try:

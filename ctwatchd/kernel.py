@@ -49,6 +49,7 @@ TREE_FILE_LIMIT = 16 << 20  # modules.dep of a distribution kernel is ~1 MB
 CONF_FILE_LIMIT = 1 << 20
 CONFIG_LIMIT = 8 << 20  # an uncompressed kernel config is ~300 KB
 TUNING_PREFIX = "nf_conntrack_"
+PARAM_PREFIX = f"module.{CONNTRACK}."  # snapshot keys of the module's own parameters
 TUNING_EXCLUDE = {"nf_conntrack_count"}
 
 
@@ -230,15 +231,55 @@ class KernelProbe:
         path = self._sysctl_paths.get(key)
         if path is None:
             try:
-                path = str(sysctl_path(self.proc_sys, key))
+                path = str(tuning_path(self.root, key))
             except ValueError:
                 return None  # not a sysctl name: nothing to read (config and state file refuse these)
             self._sysctl_paths[key] = path
         return _read(path)
 
+    def holders(self, bases: Iterable[str], limit: int = 256) -> dict[str, tuple[str, ...]]:
+        """Every loaded module that depends on one of `bases`, directly or not -> the bases it needs.
+
+        /sys/module/<m>/holders lists the modules using <m>; walked breadth first, at most `limit`
+        modules (a loop or a hostile tree cannot make it unbounded).
+        """
+        out: dict[str, set[str]] = {}
+        for base in bases:
+            queue, seen = [base], {base}
+            while queue and len(out) < limit:
+                current = queue.pop(0)
+                try:
+                    names = sorted(os.listdir(f"{self._sm}/{current}/holders"))
+                except OSError:
+                    continue
+                for name in names:
+                    if len(out) >= limit:
+                        break
+                    if name in seen or not is_module_name(name):
+                        continue
+                    seen.add(name)
+                    out.setdefault(normalize_module(name), set()).add(base)
+                    queue.append(name)
+        return {m: tuple(sorted(b)) for m, b in sorted(out.items())}
+
     def tuning(self) -> dict[str, str]:
-        """The writable nf_conntrack_* sysctls: the tuned values a reload resets to defaults."""
+        """The tuned conntrack values a reload resets to defaults: the writable nf_conntrack_* sysctls and
+        the writable parameters of the module (hashsize), as module.nf_conntrack.<name>."""
         out: dict[str, str] = {}
+        params = f"{self._sm}/{CONNTRACK}/parameters"
+        try:
+            with os.scandir(params) as entries:
+                for e in entries:
+                    try:
+                        if not e.stat().st_mode & stat.S_IWUSR or not is_module_name(e.name):
+                            continue
+                    except OSError:
+                        continue
+                    value = _read(e.path)
+                    if value is not None:
+                        out[f"{PARAM_PREFIX}{e.name}"] = value
+        except OSError:
+            pass
         base = self.proc_sys / "net/netfilter"
         try:
             entries = os.scandir(base)
@@ -266,7 +307,7 @@ class KernelProbe:
             return None
 
     def observe(self, facts: KernelFacts, modules: Sequence[str], sysctl_keys: Iterable[str], *,
-                with_tuning: bool = True) -> Observation:
+                with_tuning: bool = True, holders_of: Sequence[str] = ()) -> Observation:
         statuses = {n: self.status(n, facts) for n in dict.fromkeys(modules)}
         conntrack = statuses.get(CONNTRACK)
         tuning: dict[str, str] = {}
@@ -282,7 +323,19 @@ class KernelProbe:
             conntrack_count=self.conntrack_count(),
             tuning=tuning,
             deps=facts.deps,
+            holders=self.holders([m for m in holders_of if statuses.get(m) is not None
+                                  and statuses[m].state is ModuleState.LIVE]) if holders_of else None,
         )
+
+
+def tuning_path(root: Path, key: str) -> Path:
+    """A snapshot key's file: a sysctl under /proc/sys, or module.nf_conntrack.<param> under /sys/module."""
+    if key.startswith(PARAM_PREFIX):
+        name = key[len(PARAM_PREFIX):]
+        if not is_module_name(name):
+            raise ValueError(f"{key!r} is not a parameter of {CONNTRACK}")
+        return root / "sys/module" / CONNTRACK / "parameters" / name
+    return sysctl_path(root / "proc/sys", key)
 
 
 def sysctl_path(proc_sys: Path, key: str) -> Path:

@@ -176,6 +176,9 @@ class Observation:
     conntrack_count: int | None  # None when /proc/sys/net/netfilter/nf_conntrack_count is unreadable
     tuning: Mapping[str, str] = field(default_factory=dict)  # writable nf_conntrack_* values now
     deps: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # from modules.dep
+    # Loaded modules depending on a live watched one (/sys/module/*/holders, recursively) -> those
+    # watched modules; None when not looked at.
+    holders: Mapping[str, tuple[str, ...]] | None = None
 
 
 class StepKind(StrEnum):

@@ -28,12 +28,12 @@ class StateKeeper:
 
     def save(self, s: CoreState, status: str, *, stopped: bool = False) -> None:
         key = (dict(s.tuning), s.conntrack_reloaded, s.restarts, status, s.conntrack_instance, s.restarts_owed,
-               stopped)
+               stopped, dict(s.dependents), dict(s.base_instances))
         if key == self._saved:
             return
         saved = statefile.SavedState(dict(s.tuning), s.conntrack_reloaded, s.restarts, status,
                                      s.conntrack_instance, s.restarts_owed, self.boot_id, os.getpid(),
-                                     round(self.clock(), 3), stopped)
+                                     round(self.clock(), 3), stopped, dict(s.dependents), dict(s.base_instances))
         try:
             statefile.save(self.path, saved)
         except OSError as exc:

@@ -11,13 +11,14 @@ import math
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ctwatchd.files import FileProblem, read_regular, replace_atomically
 
 VERSION = 1
-TUNING_KEY = re.compile(r"net\.netfilter\.nf_conntrack_[a-z0-9_]{1,64}")
+TUNING_KEY = re.compile(r"net\.netfilter\.nf_conntrack_[a-z0-9_]{1,64}|module\.nf_conntrack\.[a-z0-9_]{1,64}")
+MODULE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,54}")
 TUNING_VALUE = re.compile(r"[0-9 \t-]{1,64}")  # conntrack tunables are integers (some several)
 BOOT_ID = re.compile(r"[0-9a-f-]{36}")
 MAX_BYTES = 64 * 1024
@@ -39,6 +40,8 @@ class SavedState:
     pid: int | None = None  # the daemon that wrote it
     written_at: float | None = None  # CLOCK_MONOTONIC when written
     stopped: bool = False  # written by a daemon on its way out
+    dependents: dict[str, tuple[str, ...]] = field(default_factory=dict)  # remembered collateral -> its bases
+    base_instances: dict[str, int] = field(default_factory=dict)  # watched modules' instances when learned
 
 
 def load(path: Path) -> SavedState | None:
@@ -69,6 +72,8 @@ def load(path: Path) -> SavedState | None:
     pid = data.get("pid")
     written_at = data.get("written_at")
     stopped = data.get("stopped", False)
+    dependents = data.get("dependents", {})
+    bases = data.get("base_instances", {})
     if not isinstance(tuning, dict) or not isinstance(reloaded, bool):
         raise StateError("missing or mistyped 'tuning' / 'conntrack_reloaded'")
     if not isinstance(restarts, list) or len(restarts) > 1000 or not all(_time(t) for t in restarts):
@@ -85,12 +90,24 @@ def load(path: Path) -> SavedState | None:
         raise StateError("'pid' is not a process id")
     if written_at is not None and not _time(written_at):
         raise StateError("'written_at' is not a finite, non-negative number")
+    _check_collateral(dependents, bases)
     for key, value in tuning.items():
         if not (isinstance(key, str) and TUNING_KEY.fullmatch(key) and isinstance(value, str)
                 and TUNING_VALUE.fullmatch(value)):
             raise StateError(f"unexpected tuning entry {key[:100]!r}")
     return SavedState(dict(tuning), reloaded, tuple(float(t) for t in restarts), status, instance, owed,
-                      boot_id, pid, None if written_at is None else float(written_at), stopped)
+                      boot_id, pid, None if written_at is None else float(written_at), stopped,
+                      {k: tuple(v) for k, v in dependents.items()}, dict(bases))
+
+
+def _check_collateral(dependents: object, bases: object) -> None:
+    if (not isinstance(dependents, dict) or len(dependents) > 256
+            or not all(isinstance(k, str) and MODULE.fullmatch(k) and isinstance(v, list) and len(v) <= 16
+                       and all(isinstance(b, str) and MODULE.fullmatch(b) for b in v) for k, v in dependents.items())):
+        raise StateError("'dependents' is not a table of module names")
+    if not isinstance(bases, dict) or not all(isinstance(k, str) and MODULE.fullmatch(k) and _int(v)
+                                              for k, v in bases.items()):
+        raise StateError("'base_instances' is not a table of module instances")
 
 
 def _int(value: object) -> bool:
@@ -108,6 +125,7 @@ def save(path: Path, state: SavedState) -> None:
                        "restarts": list(state.restarts), "status": state.status,
                        "conntrack_instance": state.conntrack_instance, "restarts_owed": state.restarts_owed,
                        "boot_id": state.boot_id, "pid": state.pid, "written_at": state.written_at,
-                       "stopped": state.stopped},
+                       "stopped": state.stopped, "dependents": {k: list(v) for k, v in state.dependents.items()},
+                       "base_instances": state.base_instances},
                       sort_keys=True).encode()
     replace_atomically(path, data, 0o600)

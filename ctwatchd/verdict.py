@@ -65,19 +65,21 @@ class Inspector:
             self._reported.add(text)  # once per distinct problem, not every poll
             self.on_problem(text)
 
-    def observe(self, cfg: Config) -> Observation:
-        return self.probe.observe(self.facts, core.observed_modules(cfg.modules, self.facts.release),
-                                  [k for k, _ in cfg.sysctls], with_tuning=cfg.keep_conntrack_tuning)
+    def observe(self, cfg: Config, state: CoreState) -> Observation:
+        watched = core.observed_modules(cfg.modules, self.facts.release)
+        return self.probe.observe(self.facts, core.observed_modules(cfg.modules, self.facts.release, state.dependents),
+                                  [k for k, _ in cfg.sysctls], with_tuning=cfg.keep_conntrack_tuning,
+                                  holders_of=watched if cfg.collateral else ())
 
     def look(self, cfg: Config, state: CoreState, now: float) -> Look:
-        obs = self.observe(cfg)
+        obs = self.observe(cfg, state)
         decision = core.decide(cfg, state, obs, now)
         # modules.dep and modprobe.d only matter when something is missing, so a healthy look does not
         # even stat them; otherwise a changed file (a lifted blocker, a depmod) is read before acting.
         if ((decision.plan or not decision.health.healthy)
                 and self.probe.fingerprint(self.facts.release, self.facts.conf_files) != self.facts.fingerprint):
             self.refresh()
-            obs = self.observe(cfg)
+            obs = self.observe(cfg, state)
             decision = core.decide(cfg, state, obs, now)
         return Look(self.facts, obs, decision, core.effective_modules(cfg.modules, obs),
                     tuple(conflicts(cfg.sysctls, self.facts.sysctl_d)))

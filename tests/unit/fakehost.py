@@ -27,6 +27,9 @@ MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "stp": ("kernel/net/802/stp.ko.xz", ()),
     "bridge": ("kernel/net/bridge/bridge.ko.xz", ("stp",)),
     "br_netfilter": ("kernel/net/bridge/br_netfilter.ko.xz", ("bridge", "stp")),
+    # conntrack helpers an operator loads by hand (collateral restore)
+    "nf_conntrack_ftp": ("kernel/net/netfilter/nf_conntrack_ftp.ko.xz", ("nf_conntrack",)),
+    "nf_nat_ftp": ("kernel/net/netfilter/nf_nat_ftp.ko.xz", ("nf_nat", "nf_conntrack_ftp", "nf_conntrack")),
 }
 
 CONNTRACK_DEFAULTS = {
@@ -75,18 +78,30 @@ class FakeHost:
         path.parent.mkdir(exist_ok=True)
         deps = {name: " ".join(d) for name, (_, d) in self.modules.items()}
         cases = "\n".join(f"    {n}) deps='{d}' ;;" for n, d in deps.items())
+        deps_of = "\n".join(f"    {n}) echo '{d}' ;;" for n, d in deps.items())
         script = textwrap.dedent("""\
             #!/bin/sh
             # fake modprobe for ctwatchd tests
             root='{root}'
             echo "$*" >> "$root/modprobe.log"
             {extra}
+            deps_of() {{
+                case "$1" in
+            {deps_of}
+                esac
+            }}
             load_one() {{
-                mkdir -p "$root/sys/module/$1"
+                mkdir -p "$root/sys/module/$1/holders"
                 echo 0 > "$root/sys/module/$1/refcnt"
                 echo live > "$root/sys/module/$1/initstate"
+                for d in $(deps_of "$1"); do  # the kernel lists a module's users in holders/
+                    mkdir -p "$root/sys/module/$d/holders" && : > "$root/sys/module/$d/holders/$1"
+                done
                 case "$1" in
                 nf_conntrack)
+                    mkdir -p "$root/sys/module/nf_conntrack/parameters"
+                    echo 65536 > "$root/sys/module/nf_conntrack/parameters/hashsize"
+                    chmod 0600 "$root/sys/module/nf_conntrack/parameters/hashsize"
                     mkdir -p "$root/proc/sys/net/netfilter"
                     echo 0 > "$root/proc/sys/net/netfilter/nf_conntrack_count"
                     chmod 0444 "$root/proc/sys/net/netfilter/nf_conntrack_count"
@@ -111,7 +126,7 @@ class FakeHost:
             done
             exit {exit_code}
             """).format(
-            root=self.root, extra=extra, cases=cases, release=self.release, load=1 if load else 0,
+            root=self.root, extra=extra, cases=cases, deps_of=deps_of, release=self.release, load=1 if load else 0,
             exit_code=exit_code,
             conntrack="\n".join(f'        echo {v} > "$root/proc/sys/net/netfilter/{k}"'
                                 for k, v in CONNTRACK_DEFAULTS.items()),
@@ -141,6 +156,8 @@ class FakeHost:
 
     def unload(self, name: str) -> None:
         shutil.rmtree(self.root / "sys/module" / name, ignore_errors=True)
+        for holder in (self.root / "sys/module").glob(f"*/holders/{name}"):
+            holder.unlink()
         if name == "nf_conntrack":
             shutil.rmtree(self.root / "proc/sys/net/netfilter", ignore_errors=True)
         if name == "br_netfilter":

@@ -68,9 +68,9 @@ def test_modprobe_success_without_load_is_a_failure(host: FakeHost) -> None:
 
 def test_sysctl_writes_are_read_back(loaded: FakeHost) -> None:
     """Desired values are written and confirmed; a missing file fails with the key named."""
-    assert write_sysctl(loaded.root / "proc/sys", "net.bridge.bridge-nf-call-iptables", "0") is None
+    assert write_sysctl(loaded.root, "net.bridge.bridge-nf-call-iptables", "0") is None
     assert loaded.read_sysctl("net.bridge.bridge-nf-call-iptables") == "0"
-    problem = write_sysctl(loaded.root / "proc/sys", "net.bridge.nope", "1")
+    problem = write_sysctl(loaded.root, "net.bridge.nope", "1")
     assert problem is not None and problem.startswith("net.bridge.nope: cannot write") and "does not exist" in problem
     assert not (loaded.root / "proc/sys/net/bridge/nope").exists()
 
@@ -80,7 +80,7 @@ def test_sysctl_read_back_mismatch_fails(loaded: FakeHost, tmp_path: Path) -> No
     target = loaded.sysctl("net.bridge.bridge-nf-call-iptables")
     target.unlink()
     target.symlink_to("/dev/null")
-    problem = write_sysctl(loaded.root / "proc/sys", "net.bridge.bridge-nf-call-iptables", "1")
+    problem = write_sysctl(loaded.root, "net.bridge.bridge-nf-call-iptables", "1")
     assert problem is not None and "read back ''" in problem
 
 

@@ -373,9 +373,11 @@ def test_reload_moves_the_state_file_and_switches_the_log_format(h: Harness) -> 
         h.wait_notify("READY=1")
         os.kill(os.getpid(), signal.SIGHUP)
         h.wait_for(new_state.exists)
+        seen = len(h.read_notify())
         h.host.unload("nf_nat")
         h.monitor.send("remove nf_nat")
         h.wait_for(lambda: h.host.is_live("nf_nat"))
+        h.wait_notify("STATUS=healthy", after=seen)
 
     code, _ = h.run(d, driver)
     assert code == 0 and applied == [LogFormat.JSON]

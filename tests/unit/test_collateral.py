@@ -1,0 +1,216 @@
+"""Collateral restore: the loaded modules that depended on a watched one come back with it.
+
+A conntrack helper loaded by hand (nf_conntrack_ftp, nf_nat_ftp) is never autoloaded again after a
+clean-up; ctwatchd remembers the holders of the watched modules while healthy and reloads those that
+went with them. One removed alone is the operator's choice. The fake modprobe keeps
+/sys/module/<m>/holders like the kernel does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+from fakehost import FakeHost
+from harness import ALL, Harness, cfg_for, events
+
+from ctwatchd import config as configmod
+from ctwatchd import state as statefile
+from ctwatchd.config import Config
+from ctwatchd.core import CoreState, collateral_due, decide
+from ctwatchd.kernel import KernelProbe
+from ctwatchd.model import ModuleState, ModuleStatus, Observation
+
+FTP = ("nf_conntrack_ftp", "nf_nat_ftp")
+HASHSIZE = "module.nf_conntrack.hashsize"
+
+
+def obs_with(states: dict[str, ModuleState], instances: dict[str, int] | None = None,
+             holders: dict[str, tuple[str, ...]] | None = None) -> Observation:
+    inst = instances or {}
+    mods = {m: ModuleStatus(m, st, "", None, inst.get(m, 1) if st is ModuleState.LIVE else None)
+            for m, st in states.items()}
+    bridge = {"net.bridge.bridge-nf-call-iptables": "1", "net.bridge.bridge-nf-call-ip6tables": "1"}
+    return Observation("6.1.0-28-amd64", mods, bridge, 0, {},
+                       {"nf_nat": ("nf_conntrack",), "nf_conntrack_ftp": ("nf_conntrack",),
+                        "nf_nat_ftp": ("nf_nat", "nf_conntrack_ftp", "nf_conntrack")}, holders)
+
+
+LIVE = dict.fromkeys((*ALL, *FTP), ModuleState.LIVE)
+HOLDERS = {"nf_nat": ("nf_conntrack",), "nf_conntrack_ftp": ("nf_conntrack",),
+           "nf_nat_ftp": ("nf_conntrack", "nf_nat")}
+
+
+def learned(cfg: Config | None = None) -> CoreState:
+    return decide(cfg or Config(), CoreState(), obs_with(LIVE, holders=HOLDERS), 0.0).state
+
+
+def test_healthy_looks_learn_the_dependents_but_not_the_watched_modules() -> None:
+    """The holders of the watched modules are remembered with their bases; nf_nat, watched itself, is not."""
+    s = learned()
+    assert dict(s.dependents) == {"nf_conntrack_ftp": ("nf_conntrack",), "nf_nat_ftp": ("nf_conntrack", "nf_nat")}
+    assert dict(s.base_instances) == {"nf_conntrack": 1, "nf_nat": 1}
+
+
+def test_dependents_that_went_with_their_base_come_back_after_it_in_order() -> None:
+    """The family gone: the plan reloads the watched modules, then the helpers, in modules.dep order."""
+    gone = dict.fromkeys((*ALL, *FTP), ModuleState.ABSENT)
+    d = decide(Config(), learned(), obs_with(gone), 1.0)
+    assert d.plan.modules == ("nf_conntrack", "nf_nat", "br_netfilter", "nf_conntrack_ftp", "nf_nat_ftp")
+    assert d.plan.reason == ("not loaded: nf_conntrack, nf_nat, br_netfilter; "
+                             "loaded with them before: nf_conntrack_ftp, nf_nat_ftp")
+
+
+def test_a_dependent_removed_alone_is_left_alone_and_forgotten() -> None:
+    """rmmod nf_nat_ftp with its bases untouched: no plan, and the remembered set drops it."""
+    states = {**LIVE, "nf_nat_ftp": ModuleState.ABSENT}
+    holders = {k: v for k, v in HOLDERS.items() if k != "nf_nat_ftp"}
+    d = decide(Config(), learned(), obs_with(states, holders=holders), 1.0)
+    assert not d.plan and "nf_nat_ftp" not in d.state.dependents
+
+
+def test_a_base_reloaded_by_someone_else_brings_its_dependents_back() -> None:
+    """nf_conntrack live again but as a new instance (reloaded behind our back): the helpers are due."""
+    states = {**LIVE, "nf_conntrack_ftp": ModuleState.ABSENT, "nf_nat_ftp": ModuleState.ABSENT}
+    obs = obs_with(states, instances={"nf_conntrack": 2, "nf_nat": 2}, holders={"nf_nat": ("nf_conntrack",)})
+    assert collateral_due(Config(), learned(), obs) == FTP
+    d = decide(Config(), learned(), obs, 1.0)
+    assert d.plan.modules == FTP
+    assert dict(d.state.dependents) == dict(learned().dependents)  # not forgotten while due
+
+
+def test_never_restore_and_collateral_off() -> None:
+    """never_restore globs leave a module alone; collateral = false turns the whole thing off."""
+    gone = dict.fromkeys((*ALL, *FTP), ModuleState.ABSENT)
+    cfg = Config(never_restore=("nf_nat_*",))
+    assert decide(cfg, learned(cfg), obs_with(gone), 1.0).plan.modules[-1] == "nf_conntrack_ftp"
+    off = Config(collateral=False)
+    assert decide(off, learned(off), obs_with(gone), 1.0).plan.modules == ALL
+    assert learned(off).dependents == {}
+
+
+def test_configuration_keys() -> None:
+    """collateral is a boolean, never_restore a list of names or globs; anything else is refused."""
+    cfg = configmod.parse({"restore": {"collateral": False, "never_restore": ["xt_*", "nf-nat-ftp"]}})
+    assert not cfg.collateral and cfg.never_restore == ("xt_*", "nf_nat_ftp")
+
+
+@pytest.mark.parametrize("bad", [["a/b"], ["-r"], [1], "xt_*"])
+def test_never_restore_refuses_what_is_not_a_name_or_glob(bad: object) -> None:
+    """A path, an option, a number, a bare string: one ConfigError naming the key."""
+    with pytest.raises(configmod.ConfigError, match="never_restore"):
+        configmod.parse({"restore": {"never_restore": bad}})
+
+
+def test_daemon_brings_hand_loaded_helpers_back_with_the_family(h: Harness) -> None:
+    """End to end: helpers loaded by hand, the family unloaded holders first; all come back; then one
+    removed alone stays gone."""
+    h.host.load(*FTP)
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        time.sleep(0.2)  # a healthy look has learned the helpers
+        for m in ("nf_nat_ftp", "nf_conntrack_ftp", "br_netfilter", "nf_nat", "nf_conntrack"):
+            h.host.unload(m)
+        h.monitor.send("remove nf_conntrack")
+        h.wait_for(lambda: all(h.host.is_live(m) for m in (*ALL, *FTP)))
+        time.sleep(0.3)
+        h.host.unload("nf_nat_ftp")  # the operator's choice
+        h.monitor.send("remove nf_nat_ftp")
+        time.sleep(0.5)
+
+    code, logs = h.run(h.daemon(cfg_for(h.host, poll_interval=0.1)), driver)
+    assert code == 0 and not h.host.is_live("nf_nat_ftp")
+    assert h.host.modprobe_calls()[-5:] == ["nf_conntrack", "nf_nat", "br_netfilter", "nf_conntrack_ftp", "nf_nat_ftp"]
+    assert [e["modules"] for e in events(logs, "restore.planned")] == [
+        "nf_conntrack nf_nat br_netfilter nf_conntrack_ftp nf_nat_ftp"]
+
+
+def test_remembered_dependents_survive_a_daemon_restart(loaded: FakeHost, tmp_path: object) -> None:
+    """The set is in the state file: a daemon started after the family went (while it was down) still
+    brings the helpers back; check shows the set."""
+    loaded.load(*FTP)
+    cfgpath = loaded.config("[watch]\npoll_interval = 0.1\n")
+    env = {**os.environ}
+
+    def ctw(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ctwatchd", *args, "--root", str(loaded.root), "--config",
+                               str(cfgpath)], capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+    first = subprocess.Popen([sys.executable, "-m", "ctwatchd", "run", "--no-uevents", "--root", str(loaded.root),
+                              "--config", str(cfgpath)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            saved = statefile.load(loaded.root / "run/state.json") if (loaded.root / "run/state.json").exists() \
+                else None
+            if saved is not None and set(saved.dependents) == set(FTP):
+                break
+            time.sleep(0.1)
+    finally:
+        first.terminate()
+        first.wait(10)
+    data = json.loads(ctw("check", "--json").stdout)
+    assert data["daemon"]["collateral"] == ["nf_conntrack_ftp", "nf_nat_ftp"]
+    for m in ("nf_nat_ftp", "nf_conntrack_ftp", "br_netfilter", "nf_nat", "nf_conntrack"):
+        loaded.unload(m)
+    r = ctw("restore")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert all(loaded.is_live(m) for m in (*ALL, *FTP))
+
+
+def test_a_hashsize_set_at_run_time_comes_back_after_a_reload(h: Harness) -> None:
+    """`echo 131072 > /sys/module/nf_conntrack/parameters/hashsize`: after a reload (default 65536) the
+    parameter is written back with the rest of the tuned snapshot."""
+    param = h.host.root / "sys/module/nf_conntrack/parameters/hashsize"
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        param.write_text("131072\n")
+        time.sleep(0.3)  # a look learns it
+        for m in ("br_netfilter", "nf_nat", "nf_conntrack"):
+            h.host.unload(m)
+        h.monitor.send("remove nf_conntrack")
+        h.wait_for(lambda: all(h.host.is_live(m) for m in ALL) and param.exists()
+                   and param.read_text().strip() == "131072")
+
+    code, logs = h.run(h.daemon(cfg_for(h.host, poll_interval=0.1)), driver)
+    assert code == 0
+    writes = [e for e in events(logs, "sysctl.write") if e["key"] == HASHSIZE]
+    assert [(w["value"], w["previous"], w["result"]) for w in writes] == [("131072", "65536", "ok")]
+
+
+def test_the_holders_walk_is_bounded_and_ignores_odd_names(host: FakeHost) -> None:
+    """A holders loop or a hostile name in /sys cannot make the walk endless or leak into a plan."""
+    host.load("nf_conntrack", "nf_nat")
+    sm = host.root / "sys/module"
+    (sm / "nf_nat/holders/nf_conntrack").touch()  # a loop
+    (sm / "nf_conntrack/holders/..evil name").touch()
+    got = KernelProbe(host.root).holders(["nf_conntrack"])
+    assert got == {"nf_nat": ("nf_conntrack",)}
+    for i in range(400):
+        (sm / f"nf_conntrack/holders/m{i}").touch()
+    assert len(KernelProbe(host.root).holders(["nf_conntrack"], limit=256)) == 256
+
+
+def test_state_file_refuses_a_hostile_dependents_table(tmp_path: object) -> None:
+    """A dependents entry that is not a plain module name is refused with the whole file."""
+    from pathlib import Path
+
+    path = Path(str(tmp_path)) / "state.json"
+    base = {"version": 1, "tuning": {}, "conntrack_reloaded": False}
+    for bad in ({"dependents": {"-r": ["nf_conntrack"]}}, {"dependents": {"x": ["a b"]}},
+                {"dependents": ["x"]}, {"base_instances": {"nf_conntrack": "1"}}):
+        path.write_text(json.dumps({**base, **bad}))
+        path.chmod(0o600)
+        with pytest.raises(statefile.StateError, match=r"dependents|base_instances"):
+            statefile.load(path)
+    saved = statefile.SavedState({}, False, dependents={"nf_conntrack_ftp": ("nf_conntrack",)},
+                                 base_instances={"nf_conntrack": 5})
+    statefile.save(path, saved)
+    assert statefile.load(path) == replace(saved)
