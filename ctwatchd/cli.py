@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,14 +78,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         Notifier().status(f"configuration error: {exc}")
         return EXIT_CONFIG
     audit.configure(cfg.log_format)
-    monitor_factory = None
+    monitor_factory = udev_factory = None
     if not args.no_uevents:
         from ctwatchd.uevents import KernelMonitor
 
         monitor_factory = KernelMonitor
+        if (args.root / "run/udev/control").exists():  # udevd runs here (not in a container, say)
+            udev_factory = partial(KernelMonitor, source="udev")
     try:
         daemon = Daemon(cfg, probe=KernelProbe(args.root), log=audit.get_logger(),
-                        reload_config=lambda: configmod.load(args.config), monitor_factory=monitor_factory)
+                        reload_config=lambda: configmod.load(args.config), monitor_factory=monitor_factory,
+                        udev_factory=udev_factory, on_log_format=lambda c: audit.configure(c.log_format))
     except MetricsUnavailable as exc:
         print(f"ctwatchd: {cfg.path or 'configuration'}: {exc}", file=sys.stderr)
         Notifier().status(f"configuration error: {exc}")

@@ -43,10 +43,11 @@ class Daemon:
     def __init__(self, cfg: Config, *, probe: KernelProbe, log: AuditLog,
                  reload_config: Callable[[], Config],
                  monitor_factory: Callable[[], UeventSource] | None,
+                 udev_factory: Callable[[], UeventSource] | None = None,
                  notifier: Notifier | None = None,
                  env: dict[str, str] | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 on_log_format: Callable[[Config], None] | None = None) -> None:
+                 on_log_format: Callable[[Config], object] | None = None) -> None:
         self.cfg = cfg
         self.probe = probe
         self.log = log
@@ -65,6 +66,10 @@ class Daemon:
         self.signals = SignalQueue()
         self.monitor = MonitorSupervisor(monitor_factory, self.sel, log, clock, lambda: self.cfg.poll_interval)
         self.monitor.on_readable = self._on_uevents
+        # udevd's announcements: "done with this module's add, its rules have run" (the sysctl.d rule
+        # reapplying /net/bridge among them), so a value udev put back is looked at right then.
+        self.udev = MonitorSupervisor(udev_factory, self.sel, log, clock, lambda: self.cfg.poll_interval)
+        self.udev.on_readable = self._on_udev_events
         self.stop_signal: int | None = None
         self.hint: str | None = "start"
         self.wake_at: float | None = None
@@ -91,6 +96,7 @@ class Daemon:
                           config=clean(str(self.cfg.path)) if self.cfg.path else "built-in defaults",
                           pid=os.getpid())
             self.monitor.open()
+            self.udev.open()
             self._resume()
             self.reconcile()
             for _ in range(3):  # READY reports the verified state after a start-up restore
@@ -106,13 +112,14 @@ class Daemon:
         finally:
             self.signals.restore()
             self.monitor.close()
+            self.udev.close()
             self.sel.close()
 
     def _loop(self) -> None:
         while self.stop_signal is None:
             now = self.clock()
-            deadlines = [d for d in (self.next_poll, self.wake_at, self.next_watchdog, self.monitor.deadline)
-                         if d is not None]
+            deadlines = [d for d in (self.next_poll, self.wake_at, self.next_watchdog, self.monitor.deadline,
+                                     self.udev.deadline) if d is not None]
             timeout = 0.0 if self.hint or self.signals.pending else max(0.0, min(deadlines) - now)
             for key, _ in self.sel.select(timeout):
                 key.data()
@@ -122,6 +129,7 @@ class Daemon:
             now = self.clock()
             self._maybe_watchdog(now)
             self.monitor.tick(now)
+            self.udev.tick(now)
             if self.hint or now >= self.next_poll or (self.wake_at is not None and now >= self.wake_at):
                 self.reconcile()
         self.keeper.save(self.state, self.last_status, stopped=True)
@@ -194,9 +202,16 @@ class Daemon:
             if ev.module in self.watched:
                 self._on_module_event(ev)
 
-    def _on_module_event(self, ev: ModuleEvent) -> None:
-        self.log.info("module.event", action=clean(ev.action, 40), module=ev.module, monotonic=round(self.clock(), 6))
-        self.hint = f"uevent {ev.action} {ev.module}"
+    def _on_udev_events(self) -> None:
+        events, _ = self.udev.drain()  # an overrun here costs nothing: the settle looks are still due
+        for ev in events:
+            if ev.action == "add" and ev.module in self.watched:
+                self._on_module_event(ev, source="udev")
+
+    def _on_module_event(self, ev: ModuleEvent, source: str = "kernel") -> None:
+        self.log.info("module.event", action=clean(ev.action, 40), module=ev.module, source=source,
+                      monotonic=round(self.clock(), 6))
+        self.hint = f"{source} {ev.action} {ev.module}"
 
     # -- reconcile ----------------------------------------------------------------------------
     def reconcile(self) -> None:

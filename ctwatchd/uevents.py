@@ -50,13 +50,17 @@ class UeventSource(Protocol):
 
 
 class KernelMonitor:
-    """The production UeventSource: pyudev's netlink monitor on the kernel's uevent group."""
+    """The production UeventSource: pyudev's netlink monitor on the kernel's uevent group, or (source
+    "udev") on udevd's, which announces an event once udev has run its rules for it, RUN+= included."""
 
-    def __init__(self, rcvbuf: int = RCVBUF, *, monitor: Any = None) -> None:  # noqa: ANN401
+    def __init__(self, rcvbuf: int = RCVBUF, *, monitor: Any = None, source: str = "kernel") -> None:  # noqa: ANN401
         if monitor is None:
             import pyudev  # imported here so `check` and tests without netlink do not pay for it
 
-            monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")
+            monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source=source)
+            if source == "udev":
+                # udevd's group carries its own header, so libudev can filter in the kernel (BPF).
+                monitor.filter_by("module")
         # `monitor` is a seam for tests: a pyudev-shaped monitor on a real socket.
         self._monitor: Any = monitor
         self.rcvbuf = rcvbuf

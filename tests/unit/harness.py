@@ -81,7 +81,8 @@ class Harness:
         self.monitors = 0
 
     def daemon(self, cfg: Config, *, env: dict[str, str] | None = None,
-               reload_config: Callable[[], Config] | None = None, monitor: bool = True) -> Daemon:
+               reload_config: Callable[[], Config] | None = None, monitor: bool = True,
+               udev: FakeMonitor | None = None) -> Daemon:
         def factory() -> FakeMonitor:
             self.monitors += 1
             if self.monitors > 1:
@@ -90,7 +91,7 @@ class Harness:
 
         return Daemon(cfg, probe=KernelProbe(self.host.root), log=get_logger(),
                       reload_config=reload_config or (lambda: cfg), monitor_factory=factory if monitor else None,
-                      env=env or {})
+                      udev_factory=(lambda: udev) if udev is not None else None, env=env or {})
 
     def read_notify(self) -> list[str]:
         while True:

@@ -182,3 +182,30 @@ def test_old_kernel_plan_adds_the_ipv4_modules_in_the_runbook_order(tmp_path: Pa
     new = FakeHost(tmp_path / "n", release="5.10.0-1-amd64", modules=modules)
     plan = ctw("restore", "--dry-run", "--root", str(new.root), "--config", str(new.config())).stdout
     assert "ipv4" not in plan
+
+
+def test_run_applies_a_new_log_format_on_sighup(loaded: FakeHost) -> None:
+    """`systemctl reload` after changing log_format: the running daemon's next lines are in the new format."""
+    cfg = loaded.config()
+    p = subprocess.Popen([sys.executable, "-m", "ctwatchd", "run", "--no-uevents", "--root", str(loaded.root),
+                          "--config", str(cfg)], stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        assert p.stderr is not None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any("ctwatchd ready" in line for line in lines):
+            lines.append(p.stderr.readline())
+        cfg.write_text(cfg.read_text().replace('log_format = "console"', 'log_format = "json"'))
+        p.send_signal(signal.SIGHUP)
+        while time.monotonic() < deadline:
+            line = p.stderr.readline()
+            lines.append(line)
+            if line.startswith("{") and '"config.loaded"' in line:
+                break
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=10) == 0
+    finally:
+        p.kill()
+        p.wait()
+    loaded_lines = [line for line in lines if "config.loaded" in line]
+    assert loaded_lines and json.loads(loaded_lines[-1])["event"] == "config.loaded"

@@ -16,7 +16,7 @@ import time
 
 import pytest
 from fakehost import FakeHost
-from harness import Harness, cfg_for, events
+from harness import FakeMonitor, Harness, cfg_for, events
 
 from ctwatchd.model import Setting
 from ctwatchd.sysctld import conflicts, effective, normalize_key, parse, read_settings, sysctl_files
@@ -189,3 +189,31 @@ def test_editing_sysctl_d_is_noticed_without_a_reload(h: Harness) -> None:
 
     _, logs = h.run(h.daemon(cfg_for(h.host)), driver)
     assert [e["source"] for e in events(logs, "sysctl.conflict")] == ["/etc/sysctl.d/99-late.conf:1"]
+
+
+def test_udevs_announcement_makes_the_daemon_look_again_at_once(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """udevd announces a module's add once its rules (RUN+= included) have run: that is when the value it
+    put back is looked at, not a settle timer later (timers off here, poll once a minute)."""
+    monkeypatch.setattr("ctwatchd.core.SETTLE_AFTER", ())
+    udev = FakeMonitor()
+    path = h.host.sysctl(BRIDGE)
+    fixed_after: list[float] = []
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        h.host.unload("br_netfilter")
+        h.monitor.send("remove br_netfilter")
+        h.wait_for(lambda: h.host.is_live("br_netfilter") and h.host.read_sysctl(BRIDGE) == "1")
+        time.sleep(0.2)
+        path.write_text("0\n")  # the udev rule ran ...
+        t0 = time.monotonic()
+        udev.send("add br_netfilter")  # ... and udevd says so
+        h.wait_for(lambda: h.host.read_sysctl(BRIDGE) == "1", timeout=5)
+        fixed_after.append(time.monotonic() - t0)
+
+    try:
+        code, logs = h.run(h.daemon(cfg_for(h.host, poll_interval=60.0), udev=udev), driver)
+    finally:
+        udev.close()
+    assert code == 0 and fixed_after and fixed_after[0] < 1.0
+    assert [e.get("source") for e in events(logs, "module.event")] == ["kernel", "udev"]

@@ -17,6 +17,8 @@ pkgs+=,python3-pyudev,python3-structlog,python3-sdnotify,python3-prometheus-clie
 # The docker scenarios (test_docker.py): Debian's dockerd, containerd and runc, and busybox-static for
 # an image imported offline. Installed disabled: only the docker boot enables them.
 pkgs+=,docker.io,busybox-static
+# The trigger scenarios (test_triggers.py): firewalld's clean-up, and auditd for attributing removals.
+pkgs+=,firewalld,auditd,libpam-systemd  # libpam-systemd: the logind polkitd (firewalld) needs
 # Units that only cost boot time under TCG, or wait for things a test VM lacks
 # (measured: ~20 s -> ~16 s boot-to-poweroff). udev coldplug stays on (realism);
 # boot with systemd.mask=systemd-udev-trigger.service to save ~3 s more.
@@ -28,7 +30,7 @@ masks=(apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.
   systemd-random-seed.service systemd-update-utmp.service systemd-update-utmp-runlevel.service
   modprobe@drm.service modprobe@dm_mod.service modprobe@efi_pstore.service
   modprobe@fuse.service modprobe@loop.service modprobe@configfs.service)
-stamp_want="v2 $suite $pkgs"
+stamp_want="v3 $suite $pkgs"
 stamp=$root/.ctwatchd-sysroot
 
 mirror() {
@@ -58,7 +60,8 @@ build() {
   echo "build-root: debootstrap $suite from $url into $root" >&2
   debootstrap --variant=minbase --include="$pkgs" "$suite" "$tmp" "$url" >"$cache/debootstrap.log" 2>&1 \
     || { tail -n 30 "$cache/debootstrap.log" >&2; exit 1; }
-  chroot "$tmp" systemctl disable docker.service docker.socket containerd.service >/dev/null 2>&1 || true
+  chroot "$tmp" systemctl disable docker.service docker.socket containerd.service firewalld.service \
+    auditd.service >/dev/null 2>&1 || true
   chroot "$tmp" apt-get clean
   rm -rf "$tmp/var/lib/apt/lists/"* "$tmp/var/log/journal/"*
   echo "$stamp_want" >"$tmp/.ctwatchd-sysroot"

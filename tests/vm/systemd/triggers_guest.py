@@ -1,0 +1,289 @@
+"""Real triggers and what they take along, inside the booted bookworm root (systemd, udevd, firewalld).
+
+Run by the test unit as `python3 triggers_guest.py RESULTS`; stdlib only. Each phase writes its facts
+into RESULTS/triggers.json for tests/vm/systemd/test_triggers.py. While a phase unloads modules by
+hand, ctwatchd is held (SIGSTOP, well inside its watchdog) so nothing races its repair.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(sys.argv[1])
+FAMILY = ("nf_conntrack", "nf_nat", "br_netfilter")
+HELPERS = ("nf_conntrack_ftp", "nf_nat_ftp")
+BRIDGE = "/proc/sys/net/bridge/bridge-nf-call-iptables"
+HASHSIZE = Path("/sys/module/nf_conntrack/parameters/hashsize")
+SYSCTL_FILE = Path("/etc/sysctl.d/99-test.conf")
+UDEV_RULE = Path("/etc/udev/rules.d/99-ctwatchd-test-bridge.rules")
+out: dict[str, Any] = {}
+
+
+def sh(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as exc:
+        return subprocess.CompletedProcess(argv, 124, "", f"timed out: {exc}")
+
+
+def must(*argv: str, timeout: float = 180) -> str:
+    p = sh(*argv, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: exit {p.returncode}: {p.stdout}{p.stderr}")
+    return p.stdout
+
+
+def prop(unit: str, name: str) -> str:
+    return sh("systemctl", "show", "-P", name, unit).stdout.strip()
+
+
+def initstate(module: str) -> str | None:
+    try:
+        return Path(f"/sys/module/{module}/initstate").read_text().strip()
+    except OSError:
+        return None
+
+
+def instance(module: str) -> int | None:
+    try:
+        return os.stat(f"/sys/module/{module}").st_ino
+    except OSError:
+        return None
+
+
+def live(*modules: str) -> bool:
+    return all(initstate(m) == "live" for m in modules)
+
+
+def read(path: str | Path) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, step: float = 0.2) -> float | None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if pred():
+            return round(time.monotonic() - t0, 2)
+        time.sleep(step)
+    return None
+
+
+def journal(event: str, since: str) -> list[dict[str, Any]]:
+    text = sh("journalctl", "-u", "ctwatchd", "-o", "json", "--since", since, f"CTWATCHD_EVENT={event}").stdout
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def stamp() -> str:
+    return f"@{time.time():.6f}"
+
+
+def check_json() -> dict[str, Any]:
+    p = sh("ctwatchd", "check", "--json")
+    return json.loads(p.stdout) if p.stdout.startswith("{") else {"raw": p.stdout + p.stderr}
+
+
+def holders_first(modules: tuple[str, ...]) -> list[str]:
+    order: list[str] = []
+
+    def visit(m: str) -> None:
+        holders = Path(f"/sys/module/{m}/holders")
+        for h in sorted(os.listdir(holders)) if holders.is_dir() else []:
+            visit(h)
+        if m not in order and initstate(m) is not None:
+            order.append(m)
+
+    for m in modules:
+        visit(m)
+    return order
+
+
+def netfilter_modules() -> dict[str, int]:
+    """Every loaded netfilter-ish module and its /sys/module instance."""
+    out_: dict[str, int] = {}
+    for name in os.listdir("/sys/module"):
+        if name.startswith(("nf_", "nft_", "xt_", "ip_tables", "ip6_tables", "iptable_", "ip6table_", "br_netfilter")) \
+                and (ino := instance(name)) is not None and initstate(name) is not None:
+            out_[name] = ino
+    return out_
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    pid = int(prop("ctwatchd.service", "MainPID"))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def unload_family() -> tuple[int, str]:
+    with held():
+        p = sh("rmmod", *holders_first(FAMILY))
+    return p.returncode, p.stderr
+
+
+def learned(*modules: str) -> bool:
+    return set(modules) <= set(check_json().get("daemon", {}).get("collateral", []))
+
+
+def phase_helpers() -> None:
+    """Helpers loaded by hand come back with the family; removed alone, they stay gone."""
+    r: dict[str, Any] = out.setdefault("helpers", {})
+    must("modprobe", "-a", *HELPERS)
+    r["learned_after_s"] = wait_for(lambda: learned(*HELPERS), 30, 0.5)
+    since = stamp()
+    r["rmmod"], r["rmmod_err"] = unload_family()
+    r["gone_after_unload"] = [m for m in (*FAMILY, *HELPERS) if initstate(m) is None]
+    r["back_after_s"] = wait_for(lambda: live(*FAMILY, *HELPERS), 90)
+    time.sleep(1)
+    r["planned"] = [e.get("CTWATCHD_MODULES") for e in journal("restore.planned", since)]
+    r["reasons"] = [e.get("CTWATCHD_REASON") for e in journal("restore.planned", since)]
+    since = stamp()
+    r["rmmod_alone"] = sh("rmmod", "nf_nat_ftp", "nf_conntrack_ftp").returncode
+    time.sleep(7)  # three polls
+    r["alone_still_gone"] = initstate("nf_nat_ftp") is None and initstate("nf_conntrack_ftp") is None
+    r["planned_after_alone"] = [e.get("CTWATCHD_MODULES") for e in journal("restore.planned", since)]
+
+
+def phase_hashsize() -> None:
+    """nf_conntrack's hashsize set at run time is back after a reload."""
+    r: dict[str, Any] = out.setdefault("hashsize", {})
+    default = int(read(HASHSIZE) or 0)
+    wanted = default * 2
+    HASHSIZE.write_text(f"{wanted}\n")
+    r["default"], r["set"] = default, int(read(HASHSIZE) or 0)
+    time.sleep(5)  # two polls: the snapshot learns it
+    r["rmmod"], _ = unload_family()
+    r["after_unload"] = read(HASHSIZE)
+    r["back_after_s"] = wait_for(lambda: live(*FAMILY) and read(HASHSIZE) == str(wanted), 90)
+    r["final"] = read(HASHSIZE)
+
+
+def phase_sysctl_fight() -> None:
+    """RHEL's sysctl.d value and the udev rule of sysctl.d(5): ctwatchd's value holds within 2 s."""
+    r: dict[str, Any] = out.setdefault("sysctl", {})
+    SYSCTL_FILE.write_text("net.bridge.bridge-nf-call-iptables = 0\n")
+    UDEV_RULE.write_text('ACTION=="add", SUBSYSTEM=="module", KERNEL=="br_netfilter", '
+                         'RUN+="/lib/systemd/systemd-sysctl --prefix=/net/bridge"\n')
+    must("udevadm", "control", "--reload")
+    since = stamp()
+    # First a removal without ctwatchd's help: what udev alone makes of a load (the fight exists).
+    with held():
+        sh("rmmod", "br_netfilter")
+        sh("modprobe", "br_netfilter")
+        sh("udevadm", "settle", "--timeout=30")
+        r["udev_alone_sets"] = read(BRIDGE)
+    time.sleep(3)
+    t0 = time.monotonic()
+    r["rmmod"] = sh("rmmod", "br_netfilter").returncode
+    samples: list[tuple[float, str | None]] = []
+    while time.monotonic() - t0 < 34:
+        samples.append((round(time.monotonic() - t0, 2), read(BRIDGE)))
+        time.sleep(0.1)
+    ones_from = None
+    for i, (t, value) in enumerate(samples):
+        if value == "1" and all(v == "1" for _, v in samples[i:]):
+            ones_from = t
+            break
+    r["holds_1_from_s"] = ones_from
+    r["saw_0_after_load"] = any(v == "0" for _, v in samples)
+    r["held_for_s"] = round(samples[-1][0] - ones_from, 1) if ones_from is not None else 0
+    r["conflict_records"] = [e.get("CTWATCHD_SOURCE") for e in journal("sysctl.conflict", since)]
+    r["check_conflicts"] = check_json().get("conflicts")
+    table = sh("ctwatchd", "check").stdout
+    r["check_table_names_it"] = "conflict: /etc/sysctl.d/99-test.conf:1" in table
+    SYSCTL_FILE.unlink()
+    UDEV_RULE.unlink()
+    sh("udevadm", "control", "--reload")
+    sh("sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=1")
+
+
+def phase_guard() -> None:
+    """ctwatchd protect: modprobe -r refused while in place; removed, modprobe -r unloads again."""
+    r: dict[str, Any] = out.setdefault("guard", {})
+    r["protect"] = sh("ctwatchd", "protect").stdout.strip()
+    before = instance("nf_nat")
+    p = sh("modprobe", "-r", "nf_nat")
+    r["modprobe_r_rc"], r["modprobe_r_err"] = p.returncode, p.stderr.strip()
+    r["nf_nat_same_instance"] = instance("nf_nat") == before and before is not None
+    r["check_guards"] = [m.get("guard") for m in check_json().get("modules", [])]
+    r["remove"] = sh("ctwatchd", "protect", "--remove").stdout.strip()
+    r["file_gone"] = not Path("/etc/modprobe.d/ctwatchd-protect.conf").exists()
+    with held():
+        p = sh("modprobe", "-r", "nf_nat")
+        r["after_remove_rc"], r["after_remove_gone"] = p.returncode, initstate("nf_nat") is None
+    r["restored_after_s"] = wait_for(lambda: live(*FAMILY), 60)
+
+
+def phase_firewalld() -> None:
+    """firewalld with CleanupModulesOnExit=yes and a masquerading zone: stop and restart unload the
+    conntrack family (with rmmod, which modprobe.d cannot refuse); ctwatchd restores it."""
+    r: dict[str, Any] = out.setdefault("firewalld", {})
+    must("systemctl", "start", "firewalld.service", timeout=300)
+    r["state"] = sh("firewall-cmd", "--state").stdout.strip()
+    r["masquerade"] = sh("firewall-cmd", "--query-masquerade").stdout.strip()
+    wait_for(lambda: learned("nft_ct"), 30, 0.5)  # firewalld's nft modules sit on nf_conntrack now
+    r["remembered"] = check_json().get("daemon", {}).get("collateral", [])
+    r["protect"] = sh("ctwatchd", "protect").returncode  # shows that rmmod ignores the guard
+    for action in ("stop", "restart"):
+        before = netfilter_modules()
+        since = stamp()
+        must("systemctl", action, "firewalld.service", timeout=300)
+        time.sleep(1)
+        wait_for(lambda: live(*FAMILY) and bool(journal("restore.finished", since)), 120)
+        time.sleep(5)
+        after = netfilter_modules()
+        unloaded = sorted(m for m, ino in before.items() if after.get(m) != ino)
+        r[action] = {
+            "unloaded": unloaded,
+            "back": sorted(m for m in unloaded if m in after),
+            "still_gone": sorted(m for m in unloaded if m not in after),
+            "watched_live": live(*FAMILY),
+            "bridge": read(BRIDGE),
+            "planned": [e.get("CTWATCHD_MODULES") for e in journal("restore.planned", since)],
+            "firewalld": prop("firewalld.service", "ActiveState"),
+        }
+    r["state_after_restart"] = sh("firewall-cmd", "--state").stdout.strip()
+    r["nft_has_firewalld"] = "table inet firewalld" in sh("nft", "list", "tables").stdout
+    sh("ctwatchd", "protect", "--remove")
+    must("systemctl", "stop", "firewalld.service", timeout=300)
+    wait_for(lambda: live(*FAMILY), 120)
+
+
+PHASES: tuple[tuple[str, Callable[[], None]], ...] = (
+    ("helpers", phase_helpers), ("hashsize", phase_hashsize), ("sysctl", phase_sysctl_fight),
+    ("guard", phase_guard), ("firewalld", phase_firewalld),
+)
+
+
+def main() -> int:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    wait_for(lambda: prop("ctwatchd.service", "ActiveState") == "active" and live(*FAMILY), 120)
+    failed = 0
+    for name, phase in PHASES:
+        t0 = time.monotonic()
+        try:
+            phase()
+        except Exception as exc:
+            failed += 1
+            out.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
+        out.setdefault("seconds", {})[name] = round(time.monotonic() - t0, 1)
+        (RESULTS / "triggers.json").write_text(json.dumps(out, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
