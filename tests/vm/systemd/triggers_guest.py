@@ -243,7 +243,7 @@ def phase_firewalld() -> None:
         since = stamp()
         must("systemctl", action, "firewalld.service", timeout=300)
         time.sleep(1)
-        wait_for(lambda: live(*FAMILY) and bool(journal("restore.finished", since)), 120)
+        wait_for(lambda s=since: live(*FAMILY) and bool(journal("restore.finished", s)), 120)
         time.sleep(5)
         after = netfilter_modules()
         unloaded = sorted(m for m, ino in before.items() if after.get(m) != ino)
