@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,10 @@ def stamp() -> str:
 def check_json() -> dict[str, Any]:
     p = sh("ctwatchd", "check", "--json")
     return json.loads(p.stdout) if p.stdout.startswith("{") else {"raw": p.stdout + p.stderr}
+
+
+def restored_since(since: str) -> bool:
+    return live(*FAMILY) and bool(journal("restore.finished", since))
 
 
 def holders_first(modules: tuple[str, ...]) -> list[str]:
@@ -243,7 +248,7 @@ def phase_firewalld() -> None:
         since = stamp()
         must("systemctl", action, "firewalld.service", timeout=300)
         time.sleep(1)
-        wait_for(lambda s=since: live(*FAMILY) and bool(journal("restore.finished", s)), 120)
+        wait_for(partial(restored_since, since), 120)
         time.sleep(5)
         after = netfilter_modules()
         unloaded = sorted(m for m, ino in before.items() if after.get(m) != ino)
