@@ -45,7 +45,7 @@ EVENTS: dict[str, EventType] = {
     "config.loaded": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b04", "configuration loaded from {path}"),
     "config.rejected": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b05",
                                  "configuration rejected, previous one kept: {error}"),
-    "module.event": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b06", "kernel reported {action} of module {module}"),
+    "module.event": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b06", "{source} reported {action} of module {module}"),
     "module.state": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b07", "module {module} is {state} ({detail})"),
     "module.blocked": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b08",
                                 "module {module} is not loaded and modprobe.d blocks it: {blocker}; "

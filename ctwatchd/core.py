@@ -38,8 +38,8 @@ LEGACY = {CONNTRACK_IPV4: (CONNTRACK, (4, 19)), NAT_IPV4: (NAT, (5, 1))}
 
 # How long a module may stay in "coming"/"going" before we call it stuck rather than busy.
 TRANSIENT_GRACE = 10.0
-# How soon to look again while a module is coming or going.
-TRANSIENT_RECHECK = 0.2
+# How soon to look again while a module is coming or going (the remove uevent comes while it is going).
+TRANSIENT_RECHECK = 0.05
 # Sysctl files that exist only while their module is loaded: a missing one can appear only with that load.
 SYSCTL_OWNERS = (("net.bridge.", BR_NETFILTER), ("net.netfilter.nf_conntrack_", CONNTRACK))
 # A sysctl restore that succeeds but is needed again at once, this many times in a row with no look in

@@ -155,7 +155,10 @@ class Executor:
                 continue
             problem = write_sysctl(self.probe.root, key, value)
             written += 1
-            gone = problem is not None and (current is None or "(EINVAL)" in problem)
+            # Gone for good: a file the new module lacks, a value it refuses, a parameter the sandbox
+            # keeps read-only (/sys is, under the unit; nf_conntrack_buckets carries the same value).
+            gone = problem is not None and (current is None or "(EINVAL)" in problem
+                                            or (key.startswith("module.") and "(EROFS)" in problem))
             self.log.info("sysctl.write", key=key, value=value, previous=current,
                           result="ok" if problem is None else "dropped" if gone else "failed", detail=problem)
             if gone:

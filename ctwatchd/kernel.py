@@ -263,23 +263,10 @@ class KernelProbe:
         return {m: tuple(sorted(b)) for m, b in sorted(out.items())}
 
     def tuning(self) -> dict[str, str]:
-        """The tuned conntrack values a reload resets to defaults: the writable nf_conntrack_* sysctls and
-        the writable parameters of the module (hashsize), as module.nf_conntrack.<name>."""
+        """The tuned conntrack values a reload resets to defaults: the writable nf_conntrack_* sysctls, and
+        the module's hashsize parameter (module.nf_conntrack.hashsize) where nf_conntrack_buckets, the
+        same table, is not writable (older kernels)."""
         out: dict[str, str] = {}
-        params = f"{self._sm}/{CONNTRACK}/parameters"
-        try:
-            with os.scandir(params) as entries:
-                for e in entries:
-                    try:
-                        if not e.stat().st_mode & stat.S_IWUSR or not is_module_name(e.name):
-                            continue
-                    except OSError:
-                        continue
-                    value = _read(e.path)
-                    if value is not None:
-                        out[f"{PARAM_PREFIX}{e.name}"] = value
-        except OSError:
-            pass
         base = self.proc_sys / "net/netfilter"
         try:
             entries = os.scandir(base)
@@ -297,6 +284,15 @@ class KernelProbe:
                 value = _read(Path(e.path))
                 if value is not None:
                     out[f"net.netfilter.{e.name}"] = value
+        if out and "net.netfilter.nf_conntrack_buckets" not in out:
+            hashsize = f"{self._sm}/{CONNTRACK}/parameters/hashsize"
+            try:
+                writable = bool(os.stat(hashsize).st_mode & stat.S_IWUSR)
+            except OSError:
+                writable = False
+            value = _read(hashsize) if writable else None
+            if value is not None:
+                out[f"{PARAM_PREFIX}hashsize"] = value
         return out
 
     def conntrack_count(self) -> int | None:

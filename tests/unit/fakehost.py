@@ -72,7 +72,8 @@ class FakeHost:
             lines.append(f"{path}: " + " ".join(self.modules[d][0] for d in deps if d in self.modules))
         (self.moddir / "modules.dep").write_text("\n".join(lines) + "\n")
 
-    def write_modprobe(self, *, exit_code: int = 0, load: bool = True, extra: str = "") -> Path:
+    def write_modprobe(self, *, exit_code: int = 0, load: bool = True, extra: str = "",
+                       readonly: tuple[str, ...] = ()) -> Path:
         """An executable standing in for modprobe: loads a module and its deps into this tree."""
         path = self.root / "bin/modprobe"
         path.parent.mkdir(exist_ok=True)
@@ -91,6 +92,7 @@ class FakeHost:
                 esac
             }}
             load_one() {{
+                echo "$1" >> "$root/loads.log"  # what a udev stand-in counts: inode numbers get reused
                 mkdir -p "$root/sys/module/$1/holders"
                 echo 0 > "$root/sys/module/$1/refcnt"
                 echo live > "$root/sys/module/$1/initstate"
@@ -128,8 +130,9 @@ class FakeHost:
             """).format(
             root=self.root, extra=extra, cases=cases, deps_of=deps_of, release=self.release, load=1 if load else 0,
             exit_code=exit_code,
-            conntrack="\n".join(f'        echo {v} > "$root/proc/sys/net/netfilter/{k}"'
-                                for k, v in CONNTRACK_DEFAULTS.items()),
+            conntrack="\n".join([*(f'        echo {v} > "$root/proc/sys/net/netfilter/{k}"'
+                                  for k, v in CONNTRACK_DEFAULTS.items()),
+                                *(f'        chmod 0444 "$root/proc/sys/net/netfilter/{k}"' for k in readonly)]),
             bridge="\n".join(f'        echo {v} > "$root/proc/sys/net/bridge/{k}"'
                              for k, v in BRIDGE_DEFAULTS.items()),
         )

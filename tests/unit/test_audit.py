@@ -59,7 +59,9 @@ def test_message_templates_render_sentences() -> None:
     msg = audit.render_message("restore.step", {"action": "load-module", "module": "nf_nat", "result": "ok",
                                                 "duration_ms": 3.0, "detail": None})
     assert msg == "restore step load-module nf_nat: ok in 3.0 ms"
-    assert audit.render_message("module.event", {}) == "kernel reported ? of module ?"
+    assert audit.render_message("module.event", {}) == "? reported ? of module ?"
+    assert audit.render_message("module.event", {"source": "udev", "action": "add", "module": "br_netfilter"}) \
+        == "udev reported add of module br_netfilter"
 
 
 def test_message_ids_are_unique_journald_ids() -> None:

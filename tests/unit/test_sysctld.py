@@ -88,18 +88,26 @@ def test_a_fifo_in_sysctl_d_is_a_problem_not_a_hang(host: FakeHost) -> None:
 
 
 def udev_rule(host: FakeHost, stop: threading.Event, value: str = "0") -> threading.Thread:
-    """What `RUN+="systemd-sysctl --prefix=/net/bridge"` does: after each new load, write the file's value."""
-    module = host.root / "sys/module/br_netfilter"
+    """What `RUN+="systemd-sysctl --prefix=/net/bridge"` does: after each new load, write the file's value.
+    New loads are counted in the fake modprobe's log: a reload can come and go between two polls, and a
+    recreated directory may get the old inode number back."""
+    log = host.root / "loads.log"
+
+    def loads() -> int:
+        try:
+            return log.read_text().split().count("br_netfilter")
+        except OSError:
+            return 0
 
     def run() -> None:
-        seen = module.stat().st_ino if module.exists() else None
+        seen = loads()
         while not stop.is_set():
-            ino = module.stat().st_ino if module.exists() else None
-            if ino is not None and ino != seen:
+            now = loads()
+            if now != seen:
                 time.sleep(0.3)  # udev runs its rules after the kernel's event
                 with contextlib.suppress(OSError):
                     host.sysctl(BRIDGE).write_text(value + "\n")
-            seen = ino
+            seen = now
             time.sleep(0.01)
 
     return threading.Thread(target=run, daemon=True)
