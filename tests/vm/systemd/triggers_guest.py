@@ -244,6 +244,10 @@ def phase_firewalld() -> None:
     r["remembered"] = check_json().get("daemon", {}).get("collateral", [])
     r["protect"] = sh("ctwatchd", "protect").returncode  # shows that rmmod ignores the guard
     for action in ("stop", "restart"):
+        if prop("firewalld.service", "ActiveState") != "active":  # a stop under TCG can end "failed"
+            sh("systemctl", "reset-failed", "firewalld.service")
+            must("systemctl", "start", "firewalld.service", timeout=300)
+            wait_for(lambda: live(*FAMILY), 120)
         before = netfilter_modules()
         since = stamp()
         must("systemctl", action, "firewalld.service", timeout=300)
