@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ctwatchd import core
+from ctwatchd import core, protect
 from ctwatchd.config import Config, DockerMode
 from ctwatchd.docker import DockerProbe
 from ctwatchd.executor import systemctl_path
@@ -130,6 +130,8 @@ def run_check(cfg: Config, root: Path = Path("/")) -> Report:
     resumed = inspector.resume(cfg, now)
     look = inspector.look(cfg, resumed.state, now)
     notes += [f"{n}: {s.note}" for n, s in look.observation.modules.items() if s.note and n in look.watched]
+    if (firewalld := protect.firewalld_note(root)) is not None:
+        notes.append(firewalld)
     return Report(look, docker_view(cfg, root), daemon_state(cfg, probe, resumed, now), tuple(errors),
                   cfg.sysctls, tuple(dict.fromkeys(notes)))
 

@@ -205,6 +205,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
         return 1
     print(f"{'wrote' if changed else 'already in place:'} {shown}: modprobe -r of {', '.join(modules)} now fails. "
           "rmmod reads no modprobe.d; ctwatchd restores what it removes.")
+    if (firewalld := protect.firewalld_note(args.root)) is not None:
+        print(f"note: {firewalld}")
     return 0
 
 

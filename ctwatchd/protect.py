@@ -1,10 +1,12 @@
 """`ctwatchd protect`: an unload guard in modprobe.d, instead of the runbook's `install … /bin/true`.
 
-`install nf_conntrack /bin/true` stops *loading* (and so stops ctwatchd's repair); what firewalld's
-clean-up, RHEL's `service iptables stop` and clean-up scripts do is `modprobe -r`, which runs a
-module's `remove` command instead of unloading it. So the guard is one `remove <module> /bin/false`
-line per watched module: `modprobe -r` fails and the module stays. `rmmod` reads no modprobe.d and
-is not stopped by it; the daemon repairs that case.
+`install nf_conntrack /bin/true` stops *loading* (and so stops ctwatchd's repair); what RHEL's
+`service iptables stop` and clean-up scripts do is `modprobe -r`, which runs a module's `remove`
+command instead of unloading it. So the guard is one `remove <module> /bin/false` line per watched
+module: `modprobe -r` fails and the module stays. `rmmod` reads no modprobe.d and is not stopped by
+it; the daemon repairs that case. firewalld is such a case: its clean-up (CleanupModulesOnExit=yes)
+unloads with rmmod ("Use rmmod instead of modprobe -r (RHBZ#1031102)", firewall/core/modules.py),
+so `firewalld_cleanup` names the setting for `check` and `protect`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from ctwatchd.files import FileProblem, read_regular, replace_atomically
 from ctwatchd.model import is_module_name
 
 GUARD = "etc/modprobe.d/ctwatchd-protect.conf"
+FIREWALLD_CONF = "etc/firewalld/firewalld.conf"
 REFUSE = "/bin/false"
 MARK = "# ctwatchd protect"
 
@@ -75,3 +78,29 @@ def remove(root: Path) -> tuple[Path, bool]:
     except OSError as exc:
         raise ProtectError(f"{path}: cannot remove it: {exc.strerror or exc}") from None
     return path, True
+
+
+def firewalld_cleanup(root: Path) -> str | None:
+    """'<file>:<line>' when firewalld.conf sets CleanupModulesOnExit=yes (firewalld takes the last
+    assignment); None when it does not, or the file is absent or unreadable."""
+    path = root / FIREWALLD_CONF
+    try:
+        raw, _ = read_regular(path, 1 << 16)
+    except (FileProblem, OSError):
+        return None
+    where = None
+    for number, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
+        key, sep, value = line.strip().partition("=")
+        if sep and key.strip() == "CleanupModulesOnExit":
+            yes = value.strip().strip('"').lower() in ("yes", "true")
+            where = f"/{FIREWALLD_CONF}:{number}" if yes else None
+    return where
+
+
+def firewalld_note(root: Path) -> str | None:
+    where = firewalld_cleanup(root)
+    if where is None:
+        return None
+    return (f"{where} sets CleanupModulesOnExit=yes: stopping firewalld unloads the conntrack family with "
+            "rmmod, which no modprobe.d guard refuses; ctwatchd restores it after the fact "
+            "(CleanupModulesOnExit=no keeps it loaded)")

@@ -104,3 +104,26 @@ def test_real_modprobe_parses_the_guard(tmp_path: Path) -> None:
     r = subprocess.run([modprobe, "-C", str(confdir), "--show-config"], capture_output=True, text=True, timeout=30,
                        check=False)
     assert "remove nf_nat /bin/false" in r.stdout, r.stdout + r.stderr
+
+
+def test_firewalld_cleanup_on_exit_is_named_by_check_and_protect(loaded: FakeHost) -> None:
+    """firewalld's CleanupModulesOnExit=yes unloads with rmmod, past any guard: check and protect name the
+    file and line; the last assignment wins, `no` and an absent file say nothing."""
+    conf = loaded.root / protect.FIREWALLD_CONF
+    conf.parent.mkdir(parents=True)
+    conf.write_text("# firewalld\nCleanupModulesOnExit=no\nCleanupModulesOnExit=yes\n")
+    cfg = str(loaded.config())
+    said = "/etc/firewalld/firewalld.conf:3 sets CleanupModulesOnExit=yes: stopping firewalld unloads"
+    r = ctw("check", "--root", str(loaded.root), "--config", cfg, "--json")
+    assert any(n.startswith(said) for n in json.loads(r.stdout)["notes"]), r.stdout
+    r = ctw("protect", "--root", str(loaded.root), "--config", cfg)
+    assert r.returncode == 0 and f"note: {said}" in r.stdout
+    conf.write_text("CleanupModulesOnExit=yes\nCleanupModulesOnExit = no\n")
+    assert protect.firewalld_cleanup(loaded.root) is None
+    conf.write_text('CleanupModulesOnExit="yes"\n')
+    assert protect.firewalld_cleanup(loaded.root) == "/etc/firewalld/firewalld.conf:1"
+    conf.unlink()
+    os.mkfifo(conf)  # never a hang
+    assert protect.firewalld_cleanup(loaded.root) is None
+    r = ctw("check", "--root", str(loaded.root), "--config", cfg)
+    assert "CleanupModulesOnExit" not in r.stdout

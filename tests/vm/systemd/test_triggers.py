@@ -135,6 +135,7 @@ def test_firewalld_cleanup_on_stop_and_restart_is_repaired(triggers: dict[str, A
     r = phase(triggers, "firewalld")
     assert r["state"] == "running" and r["masquerade"] == "yes"
     assert "nft_ct" in r["remembered"]
+    assert r["check_notes"] and r["check_notes"][0].startswith("/etc/firewalld/firewalld.conf:19 sets Cleanup"), r
     stop = r["stop"]
     assert {"nf_conntrack", "nf_nat"} <= set(stop["unloaded"]), stop
     assert "nft_ct" in stop["back"], stop

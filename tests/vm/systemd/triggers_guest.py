@@ -243,6 +243,7 @@ def phase_firewalld() -> None:
     wait_for(lambda: learned("nft_ct"), 30, 0.5)  # firewalld's nft modules sit on nf_conntrack now
     r["remembered"] = check_json().get("daemon", {}).get("collateral", [])
     r["protect"] = sh("ctwatchd", "protect").returncode  # shows that rmmod ignores the guard
+    r["check_notes"] = [n for n in check_json().get("notes", []) if "CleanupModulesOnExit" in n]
     for action in ("stop", "restart"):
         if prop("firewalld.service", "ActiveState") != "active":  # a stop under TCG can end "failed"
             sh("systemctl", "reset-failed", "firewalld.service")
