@@ -95,7 +95,6 @@ class FakeHost:
                 echo "$1" >> "$root/loads.log"  # what a udev stand-in counts: inode numbers get reused
                 mkdir -p "$root/sys/module/$1/holders"
                 echo 0 > "$root/sys/module/$1/refcnt"
-                echo live > "$root/sys/module/$1/initstate"
                 for d in $(deps_of "$1"); do  # the kernel lists a module's users in holders/
                     mkdir -p "$root/sys/module/$d/holders" && : > "$root/sys/module/$d/holders/$1"
                 done
@@ -114,6 +113,7 @@ class FakeHost:
             {bridge}
                     ;;
                 esac
+                echo live > "$root/sys/module/$1/initstate"  # last, as the kernel: init (sysctls) is done
             }}
             for m in "$@"; do
                 case "$m" in -*) continue ;; esac

@@ -107,9 +107,13 @@ def restore_after_ready(h: Harness, module: str, fifos: tuple[Path, ...] = ()) -
     def driver() -> None:
         try:
             h.wait_notify("READY=1", timeout=DEADLINE)
+            seen = len(h.read_notify())
             h.host.unload(module)
             h.monitor.send(f"remove {module}")
             h.wait_for(lambda: h.host.is_live(module), timeout=DEADLINE)
+            # live is written by the fake modprobe before it exits: wait for the daemon's next STATUS
+            # (sent after the restore has finished), or SIGTERM would stop modprobe mid-step
+            h.wait_notify(f"{module} live", after=seen, timeout=DEADLINE)
         finally:
             unblock(*fifos)
 
@@ -275,7 +279,7 @@ def test_daemon_on_a_hostile_tree_stays_up_and_restores(h: Harness, case: str) -
     d = within(lambda: h.daemon(cfg_for(h.host)), *fifos)
     code, logs, _ = run_daemon(d, restore_after_ready(h, "nf_nat", fifos))
     assert code == 0 and h.host.is_live("nf_nat")
-    assert events(logs, "restore.finished")[-1]["result"] == "ok"
+    assert events(logs, "restore.finished")[-1]["result"] == "ok", [e for e in logs if "restore" in e.get("event", "")]
     assert not events(logs, "daemon.internal_error")
     if tree.problem is not None:
         assert any(p.startswith((f"{tree.problem} was not read: ", f"{tree.problem} holds no kernel release "))
