@@ -82,12 +82,17 @@ EVENTS: dict[str, EventType] = {
                                  "back after each module load; change that file to end the fight"),
     "docker.decision": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b1b",
                                  "docker ({mode}): restart={restart}: {reason}"),
+    "module.removed": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b1d",
+                                "module {module} was removed by {culprit}"),
     "daemon.internal_error": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b1a",
                                        "internal error at {location}: {detail}; next look in {retry_in} s"),
 }
 
 # Fields journald indexes under their own names; the rest are prefixed CTWATCHD_.
-PLAIN_FIELDS = {"module": "MODULE", "action": "ACTION", "result": "RESULT", "duration_ms": "DURATION_MS"}
+PLAIN_FIELDS = {"module": "MODULE", "action": "ACTION", "result": "RESULT", "duration_ms": "DURATION_MS",
+                "attribution": "ATTRIBUTION",
+                **{f"removed_by_{k}": f"REMOVED_BY_{k.upper()}" for k in (
+                    "pid", "comm", "exe", "cmdline", "uid", "auid", "user", "session", "unit", "parents")}}
 PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
 
 

@@ -24,6 +24,7 @@ DEFAULT_PATH = Path("/etc/ctwatchd/ctwatchd.toml")
 MODPROBE_PATHS = ("/usr/sbin/modprobe", "/sbin/modprobe")
 SYSTEMCTL_PATHS = ("/usr/bin/systemctl", "/bin/systemctl")
 IPTABLES_PATHS = ("/usr/sbin/iptables", "/sbin/iptables")
+JOURNALCTL_PATHS = ("/usr/bin/journalctl", "/bin/journalctl")
 MAX_BYTES = 1 << 20  # a larger file is refused whole, never read in part
 
 # A dotted sysctl name: components of letters, digits, '_' and '-' (no '/', no '..', no empty part).
@@ -80,6 +81,8 @@ class Config:
     restart_window: float = 600.0
     state_file: Path = Path("/run/ctwatchd/state.json")
     log_format: LogFormat = LogFormat.AUTO
+    attribution: bool = True  # name who removed a watched module (audit records via journalctl, /proc)
+    journalctl: str | None = None  # None: the first of /usr/bin/journalctl, /bin/journalctl
     metrics_textfile: Path | None = None
 
     @property
@@ -279,7 +282,10 @@ def _daemon(path: Path | None, table: object) -> dict[str, Any]:
         "state_file": Path(_absolute_exe(r.where("state_file"),
                                          r.take("state_file", str, str(DEFAULTS.state_file)))),
         "log_format": r.choice("log_format", LogFormat, DEFAULTS.log_format),
+        "attribution": r.take("attribution", bool, DEFAULTS.attribution),
     }
+    journalctl = r.take("journalctl", str, None)
+    out["journalctl"] = None if journalctl is None else _absolute_exe(r.where("journalctl"), journalctl)
     r.done()
     return out
 
@@ -410,15 +416,19 @@ def check_executable_trust(where: str, exe: str, euid: int, stat_fn: Callable[[s
 def check_executables(cfg: Config, euid: int, stat_fn: Callable[[str], os.stat_result] = os.stat,
                       realpath: Callable[[str], str] = os.path.realpath) -> None:
     """Every executable ctwatchd runs as root passes the same trust rule: the hooks, and modprobe,
-    systemctl and (for docker = "if-needed") iptables whether configured or the defaults (a default
+    systemctl, (for docker = "if-needed") iptables and (for attribution) journalctl whether configured
+    or the defaults (a default
     that does not exist fails later, at use)."""
     for i, argv in enumerate(cfg.hooks):
         check_executable_trust(_where(cfg.path, "restore", f"hooks[{i}][0]"), argv[0], euid, stat_fn, realpath)
-    tools = [("modprobe", cfg.modprobe, MODPROBE_PATHS), ("systemctl", cfg.systemctl, SYSTEMCTL_PATHS)]
+    tools = [("restore", "modprobe", cfg.modprobe, MODPROBE_PATHS),
+             ("restore", "systemctl", cfg.systemctl, SYSTEMCTL_PATHS)]
     if cfg.docker is DockerMode.IF_NEEDED:
-        tools.append(("iptables", cfg.iptables, IPTABLES_PATHS))
-    for key, configured, defaults in tools:
-        where = _where(cfg.path, "restore", key)
+        tools.append(("restore", "iptables", cfg.iptables, IPTABLES_PATHS))
+    if cfg.attribution:
+        tools.append(("daemon", "journalctl", cfg.journalctl, JOURNALCTL_PATHS))
+    for section, key, configured, defaults in tools:
+        where = _where(cfg.path, section, key)
         if configured is not None:
             check_executable_trust(where, configured, euid, stat_fn, realpath)
             continue

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from ctwatchd import __version__, core
-from ctwatchd.config import Config, ConfigError
+from ctwatchd.attribution import JOURNAL_TIMEOUT, Attributor, journal_argv
+from ctwatchd.config import JOURNALCTL_PATHS, Config, ConfigError
 from ctwatchd.core import CoreState
 from ctwatchd.executor import Executor
 from ctwatchd.kernel import KernelProbe
@@ -62,6 +63,7 @@ class Daemon:
         self.reporter = Reporter(log, self.notifier, make_metrics(cfg))
         self.keeper = StateKeeper(cfg.state_file, log, probe.boot_id(), clock)
         self.executor = self._executor()
+        self.attributor = self._attributor()
         self.sel = selectors.DefaultSelector()
         self.signals = SignalQueue()
         self.monitor = MonitorSupervisor(monitor_factory, self.sel, log, clock, lambda: self.cfg.poll_interval)
@@ -83,6 +85,20 @@ class Daemon:
 
     def _executor(self) -> Executor:
         return Executor(self.cfg, self.probe, Runner(tick=self._tick), self.log, clock=self.clock)
+
+    def _attributor(self) -> Attributor | None:
+        if not self.cfg.attribution:
+            return None
+        journalctl = self.cfg.journalctl or next((p for p in JOURNALCTL_PATHS if os.path.exists(p)), None)
+        if journalctl is None:
+            return Attributor(self.probe.root, None, clock=self.clock)
+        runner, exe = Runner(tick=self._tick), journalctl
+
+        def query(since_wall: float) -> str | None:
+            done = runner.run(journal_argv(exe, since_wall), JOURNAL_TIMEOUT)
+            return done.output if done.ok else None
+
+        return Attributor(self.probe.root, query, clock=self.clock)
 
     @property
     def last_status(self) -> str:
@@ -119,7 +135,8 @@ class Daemon:
         while self.stop_signal is None:
             now = self.clock()
             deadlines = [d for d in (self.next_poll, self.wake_at, self.next_watchdog, self.monitor.deadline,
-                                     self.udev.deadline) if d is not None]
+                                     self.udev.deadline, self.attributor.deadline if self.attributor else None)
+                         if d is not None]
             timeout = 0.0 if self.hint or self.signals.pending else max(0.0, min(deadlines) - now)
             for key, _ in self.sel.select(timeout):
                 key.data()
@@ -132,6 +149,7 @@ class Daemon:
             self.udev.tick(now)
             if self.hint or now >= self.next_poll or (self.wake_at is not None and now >= self.wake_at):
                 self.reconcile()
+            self._attribute()
         self.keeper.save(self.state, self.last_status, stopped=True)
         self.notifier.stopping()
         self.log.info("daemon.stopping", signal=signal.Signals(self.stop_signal).name)
@@ -176,6 +194,8 @@ class Daemon:
                 self.on_log_format(new)
             self.inspector.refresh()
             self.executor = self._executor()
+            if (new.attribution, new.journalctl) != (old.attribution, old.journalctl):
+                self.attributor = self._attributor()
             self.next_poll = 0.0
             self.log.info("config.loaded", path=clean(str(new.path)) if new.path else "built-in defaults")
         self.hint = "reload"
@@ -200,6 +220,8 @@ class Daemon:
             self.hint = resync
         for ev in events:
             if ev.module in self.watched:
+                if ev.action == "remove" and self.attributor is not None:
+                    self.attributor.removed(ev.module)  # first: the remover may be gone in milliseconds
                 self._on_module_event(ev)
 
     def _on_udev_events(self) -> None:
@@ -212,6 +234,25 @@ class Daemon:
         self.log.info("module.event", action=clean(ev.action, 40), module=ev.module, source=source,
                       monotonic=round(self.clock(), 6))
         self.hint = f"{source} {ev.action} {ev.module}"
+
+    def _attribute(self) -> None:
+        """Name the remover of each removal now due; after the restore it triggered, never before."""
+        if self.attributor is None or self.hint:
+            return
+        deadline = self.attributor.deadline
+        if deadline is None or deadline > self.clock():
+            return
+        try:
+            culprits = self.attributor.resolve(self.clock())
+        except Exception as exc:  # attribution is a courtesy: it must never cost the repair
+            self.attributor.pending.clear()
+            self.log.error("daemon.internal_error", detail=f"{type(exc).__name__}: {clean(str(exc))}",
+                           location="attribution", retry_in=0)
+            return
+        for culprit in culprits:
+            self.reporter.removed(culprit)
+        if culprits:
+            self.keeper.save(self.state, self.last_status)
 
     # -- reconcile ----------------------------------------------------------------------------
     def reconcile(self) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from ctwatchd.files import replace_atomically
 from ctwatchd.model import ModuleState, Observation, RestoreResult, StepKind
 
+REMOVAL_UNITS = 16  # distinct unit labels; later ones count as "other" (a bounded label set)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -49,6 +50,11 @@ class Metrics:
                                  "1 when /proc/sys/net/netfilter/nf_conntrack_count cannot be read.", registry=r)
         self.entries = prom.Gauge("ctwatchd_conntrack_entries", "nf_conntrack_count at the last check.",
                                   registry=r)
+        self.removals = prom.Counter("ctwatchd_module_removals",
+                                     "Removals of a watched module, by the systemd unit of the remover "
+                                     "(unknown when not attributed) and how it was attributed.",
+                                     ["unit", "attribution"], registry=r)
+        self._units: set[str] = set()
         self.last_check = prom.Gauge("ctwatchd_last_check_timestamp_seconds",
                                      "Unix time of the last completed check.", registry=r)
         self.last_ok = prom.Gauge("ctwatchd_last_healthy_timestamp_seconds",
@@ -69,6 +75,15 @@ class Metrics:
         self.last_check.set(now)
         if healthy:
             self.last_ok.set(now)
+
+    def removal(self, unit: str | None, how: str) -> None:
+        label = unit or "unknown"
+        if label not in self._units:
+            if len(self._units) >= REMOVAL_UNITS:
+                label = "other"
+            else:
+                self._units.add(label)
+        self.removals.labels(label, how).inc()
 
     def record(self, result: RestoreResult) -> None:
         for r in result.results:

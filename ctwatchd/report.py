@@ -4,6 +4,7 @@ breaker, the one-line STATUS=, and the metrics file."""
 from __future__ import annotations
 
 from ctwatchd import core
+from ctwatchd.attribution import Culprit
 from ctwatchd.config import Config
 from ctwatchd.metrics import Metrics
 from ctwatchd.model import AuditLog, ModuleState, Observation, RestoreResult, clean
@@ -17,6 +18,8 @@ class Reporter:
         self.notifier = notifier
         self.metrics = metrics
         self.status = ""
+        self.health = ""  # the health part of STATUS=, logged when it changes
+        self.removal: str | None = None  # the last removal and its culprit, appended to STATUS=
         self.states: dict[str, ModuleState] = {}
         self.notes: set[str] = set()
         self.conflicts: set[str] = set()
@@ -53,13 +56,27 @@ class Reporter:
                 self.log.warning("breaker.open", restarts=cfg.max_restarts, window=cfg.restart_window)
             else:
                 self.log.info("breaker.closed")
-        status = clean(health.summary(obs, look.watched), 400)
+        summary = clean(health.summary(obs, look.watched), 400)
+        if summary != self.health:
+            self.health = summary
+            (self.log.info if health.healthy else self.log.warning)(
+                "health.changed", status=summary, healthy=health.healthy)
+        self._send_status()
+        self._write_metrics(obs, look.watched, health)
+
+    def _send_status(self) -> None:
+        status = clean(self.health + (f"; last removal: {self.removal}" if self.removal else ""), 400)
         if status != self.status:
             self.status = status
-            (self.log.info if health.healthy else self.log.warning)(
-                "health.changed", status=status, healthy=health.healthy)
             self.notifier.status(status)
-        self._write_metrics(obs, look.watched, health)
+
+    def removed(self, culprit: Culprit) -> None:
+        """One module.removed record per removal, with the REMOVED_BY_* fields; STATUS= names it."""
+        self.log.info("module.removed", culprit=culprit.summary(), why=culprit.why or None, **culprit.fields())
+        self.removal = f"{culprit.module} by {culprit.summary()}"
+        if self.metrics is not None:
+            self.metrics.removal(culprit.proc.unit if culprit.proc else None, culprit.how)
+        self._send_status()
 
     def restored(self, result: RestoreResult, state: core.CoreState, *, retry_in: float | None) -> None:
         if self.metrics is not None:

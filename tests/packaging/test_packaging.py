@@ -137,9 +137,11 @@ def test_example_config_uncommented_is_valid_and_covers_every_key(tmp_path: Path
     keys = {k for table in data.values() for k in table if not k.startswith("net.")}
     assert sorted(set(FIELD_KEYS.values()) - keys) == []
     expected = dataclasses.replace(configmod.DEFAULTS, path=path, modprobe=cfg.modprobe, systemctl=cfg.systemctl,
+                                   iptables=cfg.iptables, journalctl=cfg.journalctl,
                                    metrics_textfile=cfg.metrics_textfile)
     assert cfg == expected
     assert cfg.modprobe == "/usr/sbin/modprobe" and cfg.systemctl == "/usr/bin/systemctl"
+    assert cfg.iptables == "/usr/sbin/iptables" and cfg.journalctl == "/usr/bin/journalctl"
 
 
 def test_example_config_passes_ctwatchd_check(tmp_path: Path) -> None:
@@ -163,7 +165,7 @@ def test_deb_installs_the_expected_files(deb: Built) -> None:
         "/usr/bin/ctwatchd", "/etc/ctwatchd/ctwatchd.toml", "/lib/systemd/system/ctwatchd.service",
         "/usr/lib/systemd/catalog/ctwatchd.catalog", "/usr/share/man/man8/ctwatchd.8.gz",
         "/usr/share/man/man5/ctwatchd.toml.5.gz", "/usr/lib/python3/dist-packages/ctwatchd/cli.py",
-        "/usr/share/doc/ctwatchd/copyright",
+        "/usr/share/doc/ctwatchd/copyright", "/usr/share/ctwatchd/audit/ctwatchd.rules",
     }
     assert sorted(expected - paths) == []
     assert [p for p in paths if p.startswith("/usr/local")] == []
@@ -215,7 +217,7 @@ def test_rpm_lists_the_expected_files_config_and_scriptlets(rpm: Built) -> None:
     files = set(run(["rpm", "-qpl", pkg]).stdout.split())
     expected = {"/usr/bin/ctwatchd", "/etc/ctwatchd/ctwatchd.toml", "/usr/lib/systemd/system/ctwatchd.service",
                 "/usr/lib/systemd/catalog/ctwatchd.catalog", "/usr/share/man/man8/ctwatchd.8",
-                "/usr/share/man/man5/ctwatchd.toml.5"}
+                "/usr/share/man/man5/ctwatchd.toml.5", "/usr/share/ctwatchd/audit/ctwatchd.rules"}
     assert sorted(expected - {re.sub(r"\.gz$", "", f) for f in files}) == []
     assert any(re.fullmatch(r"/usr/lib/python3\.\d+/site-packages/ctwatchd/cli\.py", f) for f in files)
     assert [f for f in files if f.startswith("/usr/local")] == []
@@ -250,7 +252,8 @@ def test_sdist_carries_unit_catalog_config_and_man_sources(python_dists: Built) 
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     wanted = {"systemd/ctwatchd.service", "systemd/ctwatchd.catalog", "packaging/ctwatchd.toml",
               "docs/ctwatchd.8.scd", "docs/ctwatchd.toml.5.scd", "packaging/rpm/ctwatchd.spec",
-              "packaging/debian/control", "packaging/build-man.sh", "MANIFEST.in"}
+              "packaging/debian/control", "packaging/build-man.sh", "MANIFEST.in",
+              "packaging/audit/ctwatchd.rules"}
     assert sorted(wanted - names) == []
     assert [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".deb", ".rpm"))] == []
 

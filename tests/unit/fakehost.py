@@ -64,6 +64,7 @@ class FakeHost:
         self.write_modules_dep()
         self.log = root / "modprobe.log"
         self.modprobe = self.write_modprobe()
+        self.journalctl = self.write_journalctl()
 
     # -- layout -------------------------------------------------------------------------------
     def write_modules_dep(self) -> None:
@@ -140,6 +141,19 @@ class FakeHost:
         path.chmod(0o755)
         return path
 
+    def write_journalctl(self) -> Path:
+        """A stand-in for journalctl: logs its argv, prints root/journal.json (audit entries) if there."""
+        path = self.root / "bin/journalctl"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(textwrap.dedent(f"""\
+            #!/bin/sh
+            echo "$*" >> '{self.root}/journalctl.log'
+            [ -e '{self.root}/journal.json' ] && cat '{self.root}/journal.json'
+            exit 0
+            """))
+        path.chmod(0o755)
+        return path
+
     def config(self, body: str = "", *, name: str = "ctwatchd.toml") -> Path:
         """A config file pointing modprobe and the state file into this tree, plus `body`."""
         path = self.root / name
@@ -150,6 +164,8 @@ class FakeHost:
             text += f'\n[restore]\nmodprobe = "{self.modprobe}"\n'
         if "[daemon]" not in text:
             text += f'\n[daemon]\nstate_file = "{self.root}/run/state.json"\nlog_format = "console"\n'
+        if "journalctl" not in text:
+            text = text.replace("[daemon]", f'[daemon]\njournalctl = "{self.journalctl}"', 1)
         path.write_text(text)
         return path
 

@@ -126,7 +126,8 @@ class Harness:
 
 
 def cfg_for(host: FakeHost, **kw: Any) -> Config:
-    base = Config(modprobe=str(host.modprobe), poll_interval=60.0, state_file=host.root / "run/state.json")
+    base = Config(modprobe=str(host.modprobe), poll_interval=60.0, state_file=host.root / "run/state.json",
+                  journalctl=str(host.journalctl))
     return replace(base, **kw)
 
 
