@@ -2,7 +2,8 @@
 
 Conntrack helpers loaded by hand, nf_conntrack's hashsize set at run time, a sysctl.d file fighting
 the restore through the udev rule of sysctl.d(5), the modprobe.d unload guard, and firewalld's
-clean-up (CleanupModulesOnExit=yes, a masquerading zone). triggers_guest.py runs them in order.
+clean-up (CleanupModulesOnExit=yes, a masquerading zone), and who removed a module (with and without
+the shipped audit rule). triggers_guest.py runs them in order.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def triggers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "/etc/ctwatchd/ctwatchd.toml": CONFIG,
         "/etc/firewalld/zones/public.xml": ZONE,
         "/root/triggers_guest.py": HERE / "triggers_guest.py",
+        "/root/ctwatchd.rules": HERE.parents[2] / "packaging/audit/ctwatchd.rules",
     }
     link = root / WANTS.lstrip("/") / "ctwatchd.service"
     try:
@@ -145,3 +147,30 @@ def test_firewalld_cleanup_on_stop_and_restart_is_repaired(triggers: dict[str, A
         assert a["still_gone"] == [] or set(a["still_gone"]).isdisjoint(r["remembered"]), (action, a)
     assert r["restart"]["firewalld"] == "active" and r["state_after_restart"] == "running"
     assert r["nft_has_firewalld"]
+
+
+def test_attribution_names_the_remover_with_and_without_the_audit_rule(triggers: dict[str, Any]) -> None:
+    """Under the shipped unit: with the audit rule every removal is ATTRIBUTION=audit naming the process,
+    its unit (a rmmod that exited at once included) and the session's login uid; without it, what /proc
+    caught at the uevent is labelled proc with the same facts, the rest unknown, never a wrong name."""
+    r = phase(triggers, "attribution")
+    units = {"job": "cleanup-job-{}.service", "scope": "admin-scope-{}.scope", "daemon": "py-remover-{}.service"}
+    comms = {"job": "rmmod", "scope": "modprobe", "daemon": "python3"}
+    for label, rnd in (("audit", r["with_rule"]), ("plain", r["without_rule"])):
+        for kind, trials in ((k, rnd[k]) for k in units):
+            for n, t in enumerate(trials):
+                assert t["rc"] == 0 and t["ATTRIBUTION"] is not None, (label, kind, n, t)
+                if label == "audit":
+                    assert t["ATTRIBUTION"] == "audit", (kind, n, t)
+                if t["ATTRIBUTION"] in ("audit", "proc"):  # never a wrong name
+                    assert t["REMOVED_BY_COMM"] == comms[kind], (label, kind, n, t)
+                    want_unit = units[kind].format(f"{label}-{n}")
+                    assert t["REMOVED_BY_UNIT"] in (want_unit, None), (label, kind, n, t)
+                    if label == "audit" or kind != "daemon":
+                        assert t["REMOVED_BY_UNIT"] == want_unit, (label, kind, n, t)
+                    if kind == "scope":
+                        assert t["REMOVED_BY_AUID"] == "1000", (label, kind, n, t)
+    assert "last removal: br_netfilter by" in r["with_rule"]["status"]
+    assert r["check_table"] and "last removal: br_netfilter by" in r["check_table"][0]
+    caught = sum(t["ATTRIBUTION"] == "proc" for k in units for t in r["without_rule"][k])
+    print(f"without the audit rule, /proc caught {caught} of {len(units) * len(r['without_rule']['job'])}")

@@ -273,9 +273,70 @@ def phase_firewalld() -> None:
     wait_for(lambda: live(*FAMILY), 120)
 
 
+REMOVERS: dict[str, Callable[[str], list[str]]] = {
+    # an admin's clean-up job: systemd-run starts rmmod as the unit's main process, which exits at once
+    "job": lambda n: ["systemd-run", f"--unit=cleanup-job-{n}", "rmmod", "br_netfilter"],
+    # a login-like session: loginuid 1000 set, then a transient scope running modprobe -r
+    "scope": lambda n: ["sh", "-c", "echo 1000 > /proc/self/loginuid && exec systemd-run --scope "
+                        f"--unit=admin-scope-{n} modprobe -r br_netfilter"],
+    # a long-lived daemon calling delete_module(2) itself (ctypes), then idling in its unit
+    "daemon": lambda n: ["systemd-run", f"--unit=py-remover-{n}", "python3", "-c",
+                         "import ctypes, time; libc = ctypes.CDLL(None, use_errno=True); "
+                         "libc.delete_module(b'br_netfilter', 0o4000); time.sleep(30)"],
+}
+TRIALS = 4
+
+
+def removal_record(since: str) -> dict[str, Any] | None:
+    found = [e for e in journal("module.removed", since) if e.get("MODULE") == "br_netfilter"]
+    return found[-1] if found else None
+
+
+def recorded(since: str) -> bool:
+    return removal_record(since) is not None
+
+
+def attribution_round(label: str) -> dict[str, Any]:
+    """TRIALS removals of br_netfilter by each kind of remover; what each module.removed record says."""
+    r: dict[str, Any] = {}
+    for kind, argv in REMOVERS.items():
+        trials = []
+        for n in range(TRIALS):
+            wait_for(lambda: live(*FAMILY) and read(BRIDGE) == "1", 60)
+            since = stamp()
+            p = sh(*argv(f"{label}-{n}"))
+            rec = None
+            if wait_for(partial(recorded, since), 30, 0.5) is not None:
+                rec = removal_record(since)
+            trials.append({"rc": p.returncode, "err": p.stderr.strip()[-300:],
+                           **{k: (rec or {}).get(k) for k in (
+                               "ATTRIBUTION", "REMOVED_BY_UNIT", "REMOVED_BY_COMM", "REMOVED_BY_AUID",
+                               "REMOVED_BY_USER", "REMOVED_BY_PID", "REMOVED_BY_CMDLINE", "REMOVED_BY_PARENTS",
+                               "MESSAGE")}})
+            sh("systemctl", "stop", f"py-remover-{label}-{n}.service")
+        r[kind] = trials
+    r["status"] = prop("ctwatchd.service", "StatusText")
+    return r
+
+
+def phase_attribution() -> None:
+    """Who removed it: first without the audit rule (/proc at the uevent, or unknown), then with the
+    shipped rule loaded (the kernel's audit records, via journald)."""
+    r: dict[str, Any] = out.setdefault("attribution", {})
+    r["audit_enabled_before"] = sh("auditctl", "-s").stdout
+    r["without_rule"] = attribution_round("plain")
+    must("auditctl", "-e", "1")
+    must("auditctl", "-R", "/root/ctwatchd.rules")
+    r["rules"] = sh("auditctl", "-l").stdout.strip()
+    r["with_rule"] = attribution_round("audit")
+    sh("auditctl", "-D")
+    sh("auditctl", "-e", "0")
+    r["check_table"] = [line for line in sh("ctwatchd", "check").stdout.splitlines() if "last removal" in line]
+
+
 PHASES: tuple[tuple[str, Callable[[], None]], ...] = (
     ("helpers", phase_helpers), ("hashsize", phase_hashsize), ("sysctl", phase_sysctl_fight),
-    ("guard", phase_guard), ("firewalld", phase_firewalld),
+    ("guard", phase_guard), ("attribution", phase_attribution), ("firewalld", phase_firewalld),
 )
 
 
