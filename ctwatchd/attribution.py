@@ -191,6 +191,10 @@ class ProcScan:
             return 3, "it was inside delete_module(2)"
         argv = self.argv(pid)
         if not argv:
+            # a process that has just exited (a zombie) has no command line left, but its name
+            stat = self._stat(pid)
+            if stat is not None and stat[0] == "rmmod":
+                return 1, "rmmod was exiting"
             return 0, ""
         tool = os.path.basename(argv[0])
         if tool not in KMOD_TOOLS:
@@ -214,16 +218,14 @@ class ProcScan:
         """The likeliest remover of `module` still in /proc, with why it was picked; None if none."""
         deadline = self.clock() + budget
         try:
-            names = os.listdir(self.proc)
+            pids = sorted((int(n) for n in os.listdir(self.proc) if n.isdigit()), reverse=True)
         except OSError:
             return None
         best: tuple[int, int, str] | None = None
-        for n, name in enumerate(names):
+        # newest first: the remover is usually the youngest process, and it is about to exit
+        for n, pid in enumerate(pids):
             if n >= SCAN_LIMIT or self.clock() > deadline:
                 break
-            if not name.isdigit():
-                continue
-            pid = int(name)
             if pid == self.self_pid or self.children_of_self(pid):
                 continue  # our own modprobe is a restore, never a removal
             score, why = self._score(pid, module)

@@ -36,6 +36,8 @@ from ctwatchd.state import SavedState
 # Modules that only exist on old kernels, with the first release that folded them into their parent.
 LEGACY = {CONNTRACK_IPV4: (CONNTRACK, (4, 19)), NAT_IPV4: (NAT, (5, 1))}
 
+# A remembered dependent gone this long while its watched bases stay was removed on its own: forgotten.
+FORGET_AFTER = 30.0
 # How long a module may stay in "coming"/"going" before we call it stuck rather than busy.
 TRANSIENT_GRACE = 10.0
 # How soon to look again while a module is coming or going (the remove uevent comes while it is going).
@@ -145,16 +147,31 @@ def collateral_due(cfg: Config, state: CoreState, obs: Observation) -> tuple[str
     return tuple(due)
 
 
-def _learn(cfg: Config, state: CoreState, obs: Observation, health_ok: bool, due: Sequence[str]) -> CoreState:
-    """While healthy and owing nothing, remember what depends on the watched modules now."""
+def _learn(cfg: Config, state: CoreState, obs: Observation, health_ok: bool, due: Sequence[str], *,
+           now: float) -> CoreState:
+    """While healthy and owing nothing, remember what depends on the watched modules now.
+
+    A remembered dependent that is gone while its bases stay is forgotten only after FORGET_AFTER:
+    a clean-up that unloads one module per rmmod (firewalld) takes the holders seconds before the
+    watched module itself, and a look in between must not take that for a removal on its own."""
     if not cfg.collateral or obs.holders is None or not health_ok or due:
         return state
     watched = set(observed_modules(cfg.modules, obs.release))  # restored as themselves, not as collateral
     dependents = {m: bases for m, bases in obs.holders.items() if m not in watched and not never_restore(cfg, m)}
+    gone_since: dict[str, float] = {}
+    for dep, bases in state.dependents.items():
+        st = obs.modules.get(dep)
+        if dep in dependents or never_restore(cfg, dep) or (st is not None and st.state is not ModuleState.ABSENT):
+            continue
+        since = state.gone_since.get(dep, now)
+        if now - since < FORGET_AFTER:
+            dependents[dep] = bases
+            gone_since[dep] = since
     instances = {b: st.instance for b in {x for bs in dependents.values() for x in bs}
                  if (st := obs.modules.get(b)) is not None and st.instance is not None}
-    if dependents != dict(state.dependents) or instances != dict(state.base_instances):
-        return replace(state, dependents=dependents, base_instances=instances)
+    if (dependents != dict(state.dependents) or instances != dict(state.base_instances)
+            or gone_since != dict(state.gone_since)):
+        return replace(state, dependents=dependents, base_instances=instances, gone_since=gone_since)
     return state
 
 
@@ -225,6 +242,7 @@ class CoreState:
     # and the watched modules' /sys/module instances at that time (a new one means they were reloaded).
     dependents: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     base_instances: Mapping[str, int] = field(default_factory=dict)
+    gone_since: Mapping[str, float] = field(default_factory=dict)  # remembered dependents absent, bases not
     dropped: tuple[str, ...] = ()  # snapshot keys dropped by the last decide/record, for the audit
 
 
@@ -392,7 +410,7 @@ def decide(cfg: Config, state: CoreState, obs: Observation, now: float) -> Decis
         reason = "healthy" if health.healthy else "nothing ctwatchd can do: " + "; ".join(health.problems)
     if not steps and state.unsettled:
         state = replace(state, unsettled=0)  # a look that needs nothing: whatever fought us has stopped
-    state = _learn(cfg, state, obs, health.healthy and not steps, due)
+    state = _learn(cfg, state, obs, health.healthy and not steps, due, now=now)
     settle = tuple(t for t in state.settle if t > now)
     if settle != state.settle:
         state = replace(state, settle=settle)

@@ -317,3 +317,21 @@ def test_check_shows_the_last_removal(loaded: FakeHost) -> None:
     out = subprocess.run([sys.executable, "-m", "ctwatchd", "check", "--root", str(loaded.root), "--config",
                           str(loaded.config())], capture_output=True, text=True, timeout=30, check=False).stdout
     assert "last removal: nf_nat by rmmod[7] in x.service (proc)" in out
+
+
+def test_an_exiting_rmmod_is_still_named_from_its_stat(tmp_path: Path) -> None:
+    """A zombie has no command line left; an rmmod by name is a suspect, below one naming the module."""
+    init(tmp_path)
+    d = fake_proc(tmp_path, 90, ["rmmod", "br_netfilter"], cgroup="0::/system.slice/cleanup-job.service\n")
+    (d / "cmdline").write_bytes(b"")
+    scan = ProcScan(tmp_path, machine="x86_64", self_pid=SELF)
+    found = scan.scan("nf_nat")
+    assert found is not None and found[0].comm == "rmmod" and found[0].unit == "cleanup-job.service"
+    assert found[1] == "rmmod was exiting"
+    fake_proc(tmp_path, 91, ["/bin/kmod", "rmmod", "nf_nat"])
+    found = scan.scan("nf_nat")
+    assert found is not None and found[0].pid == 91
+    other = tmp_path / "other"
+    fake_proc(other, 92, ["sleep", "1"], comm="sleep")
+    (other / "proc/92/cmdline").write_bytes(b"")
+    assert ProcScan(other, machine="x86_64", self_pid=SELF).scan("nf_nat") is None

@@ -22,7 +22,7 @@ from harness import ALL, Harness, cfg_for, events
 from ctwatchd import config as configmod
 from ctwatchd import state as statefile
 from ctwatchd.config import Config
-from ctwatchd.core import CoreState, collateral_due, decide
+from ctwatchd.core import FORGET_AFTER, CoreState, collateral_due, decide
 from ctwatchd.kernel import KernelProbe
 from ctwatchd.model import ModuleState, ModuleStatus, Observation
 
@@ -67,11 +67,27 @@ def test_dependents_that_went_with_their_base_come_back_after_it_in_order() -> N
 
 
 def test_a_dependent_removed_alone_is_left_alone_and_forgotten() -> None:
-    """rmmod nf_nat_ftp with its bases untouched: no plan, and the remembered set drops it."""
+    """rmmod nf_nat_ftp with its bases untouched: no plan; the remembered set drops it once it has
+    stayed gone FORGET_AFTER with its bases the same modules."""
     states = {**LIVE, "nf_nat_ftp": ModuleState.ABSENT}
     holders = {k: v for k, v in HOLDERS.items() if k != "nf_nat_ftp"}
     d = decide(Config(), learned(), obs_with(states, holders=holders), 1.0)
-    assert not d.plan and "nf_nat_ftp" not in d.state.dependents
+    assert not d.plan and "nf_nat_ftp" in d.state.dependents and d.state.gone_since == {"nf_nat_ftp": 1.0}
+    d = decide(Config(), d.state, obs_with(states, holders=holders), 1.0 + FORGET_AFTER - 0.1)
+    assert not d.plan and "nf_nat_ftp" in d.state.dependents
+    d = decide(Config(), d.state, obs_with(states, holders=holders), 1.0 + FORGET_AFTER)
+    assert not d.plan and "nf_nat_ftp" not in d.state.dependents and d.state.gone_since == {}
+
+
+def test_a_clean_up_unloading_one_module_at_a_time_brings_all_back() -> None:
+    """firewalld's rmmod one by one: the holders go seconds before nf_conntrack, and a healthy look in
+    between sees them gone with their base still there. When the base goes too, they all come back."""
+    states = {**LIVE, "nf_conntrack_ftp": ModuleState.ABSENT, "nf_nat_ftp": ModuleState.ABSENT}
+    d = decide(Config(), learned(), obs_with(states, holders={"nf_nat": ("nf_conntrack",)}), 1.0)
+    assert not d.plan and set(FTP) <= set(d.state.dependents)
+    gone = dict.fromkeys((*ALL, *FTP), ModuleState.ABSENT)
+    d = decide(Config(), d.state, obs_with(gone, holders={}), 3.0)
+    assert d.plan.modules == ("nf_conntrack", "nf_nat", "br_netfilter", "nf_conntrack_ftp", "nf_nat_ftp")
 
 
 def test_a_base_reloaded_by_someone_else_brings_its_dependents_back() -> None:

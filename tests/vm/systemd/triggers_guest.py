@@ -204,6 +204,9 @@ def phase_sysctl_fight() -> None:
             ones_from = t
             break
     r["holds_1_from_s"] = ones_from
+    zeros = [t for t, v in samples if v == "0"]
+    r["udev_zero_from_s"], r["udev_zero_until_s"] = (zeros[0], zeros[-1]) if zeros else (None, None)
+    r["module_back_s"] = next((t for t, v in samples if v is not None), None)
     r["saw_0_after_load"] = any(v == "0" for _, v in samples)
     r["held_for_s"] = round(samples[-1][0] - ones_from, 1) if ones_from is not None else 0
     r["conflict_records"] = [e.get("CTWATCHD_SOURCE") for e in journal("sysctl.conflict", since)]
