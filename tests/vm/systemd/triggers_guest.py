@@ -161,6 +161,10 @@ def phase_helpers() -> None:
     time.sleep(7)  # three polls
     r["alone_still_gone"] = initstate("nf_nat_ftp") is None and initstate("nf_conntrack_ftp") is None
     r["planned_after_alone"] = [e.get("CTWATCHD_MODULES") for e in journal("restore.planned", since)]
+    # forgotten once gone 30 s with the family untouched (the daemon's FORGET_AFTER): a later reload
+    # of the family leaves them out
+    r["forgotten_after_s"] = wait_for(lambda: not set(HELPERS) & set(
+        check_json().get("daemon", {}).get("collateral", [])), 60, 1.0)
 
 
 def phase_hashsize() -> None:
