@@ -153,3 +153,40 @@ def test_commands_run_in_root_with_stdin_at_dev_null() -> None:
         for fd in (saved, r, w):
             os.close(fd)
     assert done.ok and done.output == ""
+
+
+def test_the_environment_given_to_the_runner_is_the_commands_whole_environment() -> None:
+    """Runner(env=...) runs commands with exactly that environment, in place of SAFE_ENV, as it was
+    when the runner was made."""
+    env = {"PATH": "/bin", "CTWATCHD_TEST": "given"}
+    given = Runner(env=env)
+    env["CTWATCHD_LATE"] = "added after"
+    done = given.run(["/usr/bin/env"], 5)
+    assert done.ok
+    assert dict(line.split("=", 1) for line in done.output.splitlines()) == {"PATH": "/bin", "CTWATCHD_TEST": "given"}
+
+
+def test_duration_is_the_runner_clocks_span_in_milliseconds() -> None:
+    """duration_ms of a command that ran is the runner's clock at the end minus at the start, times 1000."""
+    readings: list[float] = []
+
+    def clock() -> float:
+        readings.append(time.monotonic())
+        return readings[-1]
+
+    done = Runner(clock=clock).run(["/bin/true"], 5)
+    assert done.ok and len(readings) >= 2
+    assert done.duration_ms == (readings[-1] - readings[0]) * 1000
+
+
+def test_output_written_after_the_exit_is_collected_until_the_pipe_closes() -> None:
+    """After the command exits, what a background child still writes on its output is kept until that
+    output closes, as long as the grace on the runner's clock has not run out (here the clock stands still)."""
+    t0 = time.monotonic()
+
+    def still() -> float:  # stands still; moves on only after 10 s, so a regression fails instead of hanging
+        return 1000.0 if time.monotonic() - t0 < 10 else 2000.0
+
+    done = Runner(clock=still).run(["/bin/sh", "-c", "(sleep 0.3; echo late) & echo early"], 5)
+    assert done.ok
+    assert done.output.split() == ["early", "late"]
