@@ -161,7 +161,10 @@ def _learn(cfg: Config, state: CoreState, obs: Observation, health_ok: bool, due
     gone_since: dict[str, float] = {}
     for dep, bases in state.dependents.items():
         st = obs.modules.get(dep)
-        if dep in dependents or never_restore(cfg, dep) or (st is not None and st.state is not ModuleState.ABSENT):
+        # live and no longer a holder: it does not depend on them now. Anything else (absent, or still
+        # going: its holders link goes before the module does, and a slow removal spans several looks)
+        # is kept for FORGET_AFTER.
+        if dep in dependents or never_restore(cfg, dep) or (st is not None and st.state is ModuleState.LIVE):
             continue
         since = state.gone_since.get(dep, now)
         if now - since < FORGET_AFTER:

@@ -79,6 +79,17 @@ def test_a_dependent_removed_alone_is_left_alone_and_forgotten() -> None:
     assert not d.plan and "nf_nat_ftp" not in d.state.dependents and d.state.gone_since == {}
 
 
+def test_a_dependent_seen_going_is_not_forgotten() -> None:
+    """A slow removal: the helper has left the holders but is still going at a healthy look; it stays
+    remembered, and comes back when its base goes too."""
+    states = {**LIVE, "nf_nat_ftp": ModuleState.GOING}
+    holders = {k: v for k, v in HOLDERS.items() if k != "nf_nat_ftp"}
+    d = decide(Config(), learned(), obs_with(states, holders=holders), 1.0)
+    assert "nf_nat_ftp" in d.state.dependents
+    gone = dict.fromkeys((*ALL, *FTP), ModuleState.ABSENT)
+    assert "nf_nat_ftp" in decide(Config(), d.state, obs_with(gone, holders={}), 2.0).plan.modules
+
+
 def test_a_clean_up_unloading_one_module_at_a_time_brings_all_back() -> None:
     """firewalld's rmmod one by one: the holders go seconds before nf_conntrack, and a healthy look in
     between sees them gone with their base still there. When the base goes too, they all come back."""
