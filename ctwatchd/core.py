@@ -262,7 +262,8 @@ def core_state(saved: SavedState, *, boot_id: str | None, now: float) -> CoreSta
 
     Monotonic times and /sys inode numbers mean something only within one boot: a state file from
     another boot (a persistent state_file) keeps only its tuning snapshot, which the first look then
-    compares with the live values like any other. Times in the future are refused, never trusted.
+    compares with the live values like any other, and the remembered dependents (without their base
+    instances, so none is due until a base is reloaded). Times in the future are refused, never trusted.
     """
     if saved.boot_id is None or saved.boot_id != boot_id:
         return CoreState(tuning=saved.tuning, dependents=saved.dependents)
