@@ -323,6 +323,10 @@ def _snapshot(cfg: Config, state: CoreState, obs: Observation) -> CoreState:
         if state.tuning and not state.conntrack_reloaded:
             state = replace(state, conntrack_reloaded=True)
         return replace(state, conntrack_instance=None) if state.conntrack_instance is not None else state
+    if status.instance is None and state.conntrack_instance is not None:
+        # "live", then gone before its stat: a removal racing this look. Unknown is not new; keeping
+        # the old identity lets the next look see the reload instead of learning its defaults.
+        return state
     if (state.tuning and status.instance is not None and state.conntrack_instance is not None
             and status.instance != state.conntrack_instance):
         state = replace(state, conntrack_reloaded=True)

@@ -309,8 +309,8 @@ class KernelProbe:
         tuning: dict[str, str] = {}
         if with_tuning and conntrack is not None and conntrack.state is ModuleState.LIVE:
             tuning = self.tuning()
-            if self.instance(CONNTRACK) != conntrack.instance:
-                # Reloaded while we read: the values mix the old module's and the new one's defaults.
+            if conntrack.instance is None or self.instance(CONNTRACK) != conntrack.instance:
+                # Gone or reloaded while we read: the values mix the old module's and the new one's defaults.
                 tuning = {}
         return Observation(
             release=facts.release,

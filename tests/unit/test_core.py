@@ -293,6 +293,24 @@ def test_reload_seen_only_as_a_new_instance_still_reapplies_tuning() -> None:
     assert same.state.tuning["net.netfilter.nf_conntrack_max"] == "5"
 
 
+def test_a_look_that_cannot_read_conntracks_identity_does_not_forget_it() -> None:
+    """initstate read "live", then /sys/module/nf_conntrack vanished before its stat (a removal racing
+    the look): the identity is unknown, not new. Forgetting the old one let the next look, of a fresh
+    reload, teach the snapshot the kernel's defaults (seen in the VM: nf_conntrack_max back to 7680)."""
+    def live(instance: int | None, tuning: dict[str, str]) -> Observation:
+        o = obs(tuning=tuning)
+        mods = dict(o.modules)
+        mods["nf_conntrack"] = replace(mods["nf_conntrack"], instance=instance)
+        return replace(o, modules=mods)
+
+    s = decide(CFG, CoreState(), live(100, TUNED), 0.0).state
+    torn = decide(CFG, s, live(None, {}), 1.0)
+    assert torn.state.conntrack_instance == 100 and torn.state.tuning == TUNED
+    d = decide(CFG, torn.state, live(101, DEFAULTS), 2.0)
+    assert d.state.conntrack_reloaded and d.state.tuning == TUNED
+    assert dict(d.plan.steps[0].sysctls) == TUNED
+
+
 def test_snapshot_is_not_written_while_conntrack_is_absent() -> None:
     """A blocked (or failing) conntrack after a reload: no tuning writes into files that do not exist."""
     s = decide(CFG, CoreState(), obs(tuning=TUNED), 0.0).state

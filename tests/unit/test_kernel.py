@@ -183,3 +183,15 @@ def test_tuning_read_across_a_reload_is_discarded(loaded: FakeHost, monkeypatch:
     assert o.tuning == {}
     monkeypatch.undo()
     assert probe.observe(facts, ["nf_conntrack"], []).tuning  # a quiet read is kept
+
+
+def test_tuning_of_a_module_whose_identity_could_not_be_read_is_discarded(
+        loaded: FakeHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """initstate said live, then the stat of /sys/module/nf_conntrack failed (removed between the two):
+    values read now may be the going module's or none at all, so they are not offered as tuning."""
+    probe = KernelProbe(loaded.root)
+    facts = probe.facts()
+    monkeypatch.setattr(probe, "instance", lambda name: None)
+    o = probe.observe(facts, ["nf_conntrack"], [])
+    assert o.modules["nf_conntrack"].state.value == "live" and o.modules["nf_conntrack"].instance is None
+    assert o.tuning == {}
