@@ -29,12 +29,6 @@ TUNED = {"net.netfilter.nf_conntrack_max": "131072",
 WAIT = 90.0
 
 
-
-
-
-
-
-
 def sh(*argv: str) -> dict[str, Any]:
     p = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     return {"argv": list(argv), "rc": p.returncode, "out": (p.stdout + p.stderr).strip()[-500:]}
@@ -49,8 +43,12 @@ def restored() -> bool:
             and all(sysctl(k) == v for k, v in EXPECT.items()))
 
 
-
-
+def snapshot_taken(path: Path) -> bool:
+    try:
+        saved = json.loads(path.read_text()).get("tuning", {})
+    except (OSError, ValueError):
+        return False
+    return all(saved.get(k) == v for k, v in TUNED.items())
 
 
 def snapshot() -> dict[str, Any]:
@@ -83,7 +81,8 @@ def main() -> int:
         for k, v in TUNED.items():
             Path("/proc/sys/" + k.replace(".", "/")).write_text(v)
         EXPECT.update(TUNED)
-        time.sleep(6)
+        # The daemon persists its snapshot on the next poll; a fixed sleep lost that race on a slow host.
+        out["tuning_snapshot_after_s"] = wait_for(lambda: snapshot_taken(RESULTS / "state.json"), 60, step=0.2)
         scenarios: list[tuple[str, list[list[str]]]] = [
             ("rmmod br_netfilter", [["rmmod", "br_netfilter"]]),
             ("rmmod nf_nat", [["rmmod", "nf_nat"]]),

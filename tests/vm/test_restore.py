@@ -69,6 +69,7 @@ def test_tuned_conntrack_values_survive_every_reload(run: dict[str, Any]) -> Non
     """nf_conntrack_max and a TCP timeout set while healthy are back after conntrack reloads."""
     reloads = [s for s in run["scenarios"] if "nf_conntrack" in " ".join(" ".join(c["argv"]) for c in s["commands"])]
     assert len(reloads) == 3
+    assert run["tuning_snapshot_after_s"] is not None, "the daemon never persisted the tuned values"
     for sc in reloads:
         assert sc["after"]["sysctls"]["net.netfilter.nf_conntrack_max"] == "131072", sc["name"]
         assert sc["after"]["sysctls"]["net.netfilter.nf_conntrack_tcp_timeout_established"] == "3600"
