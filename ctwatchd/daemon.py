@@ -107,6 +107,10 @@ class Daemon:
     # -- lifecycle ----------------------------------------------------------------------------
     def run(self) -> int:
         self.sel.register(self.signals.install(), selectors.EVENT_READ, self.signals.read)
+        # The interpreter's own start may have used most of TimeoutStartSec on a loaded boot; the
+        # time from here to READY is ours, so ask for it now, not only once a step runs.
+        self.notifier.extend_timeout(EXTEND_BY)
+        self._next_extend = self.clock() + EXTEND_EVERY
         try:
             self.log.info("daemon.started", version=__version__, modules=" ".join(self.cfg.modules),
                           config=clean(str(self.cfg.path)) if self.cfg.path else "built-in defaults",
