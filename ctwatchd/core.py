@@ -349,6 +349,10 @@ def _snapshot(cfg: Config, state: CoreState, obs: Observation) -> CoreState:
             return state  # still the kernel's defaults: the snapshot must not learn them
         state = replace(state, conntrack_reloaded=False)
     if obs.tuning and obs.tuning != state.tuning:
+        if status.instance is not None and not set(state.tuning) <= set(obs.tuning):
+            # The same module never loses a sysctl: fewer keys is a read torn by its removal, and
+            # learning it would drop tuned values for good.
+            return state
         return replace(state, tuning=dict(obs.tuning))
     return state
 

@@ -309,8 +309,10 @@ class KernelProbe:
         tuning: dict[str, str] = {}
         if with_tuning and conntrack is not None and conntrack.state is ModuleState.LIVE:
             tuning = self.tuning()
-            if conntrack.instance is None or self.instance(CONNTRACK) != conntrack.instance:
-                # Gone or reloaded while we read: the values mix the old module's and the new one's defaults.
+            if (conntrack.instance is None or self.instance(CONNTRACK) != conntrack.instance
+                    or self.initstate(CONNTRACK) != "live"):
+                # Going, gone or reloaded while we read: a going module unregisters its sysctls under
+                # us (seen: 8 of 48 keys), a reload mixes the old module's values with the new defaults.
                 tuning = {}
         return Observation(
             release=facts.release,

@@ -311,6 +311,24 @@ def test_a_look_that_cannot_read_conntracks_identity_does_not_forget_it() -> Non
     assert dict(d.plan.steps[0].sysctls) == TUNED
 
 
+def test_the_same_module_showing_fewer_tuning_keys_does_not_shrink_the_snapshot() -> None:
+    """A read torn by a removal that began during it: same instance, some keys missing. Learning it
+    dropped nf_conntrack_max from the snapshot, and the reload after it went untuned (seen in the VM)."""
+    def live(instance: int, tuning: dict[str, str]) -> Observation:
+        o = obs(tuning=tuning)
+        mods = dict(o.modules)
+        mods["nf_conntrack"] = replace(mods["nf_conntrack"], instance=instance)
+        return replace(o, modules=mods)
+
+    s = decide(CFG, CoreState(), live(100, TUNED), 0.0).state
+    torn = decide(CFG, s, live(100, {"net.netfilter.nf_conntrack_tcp_timeout_established": "432000"}), 1.0)
+    assert torn.state.tuning == TUNED
+    d = decide(CFG, torn.state, live(101, DEFAULTS), 2.0)
+    assert d.state.conntrack_reloaded and dict(d.plan.steps[0].sysctls) == TUNED
+    grown = decide(CFG, s, live(100, {**TUNED, "net.netfilter.nf_conntrack_acct": "1"}), 3.0)
+    assert grown.state.tuning["net.netfilter.nf_conntrack_acct"] == "1"  # more keys, or changed values: learned
+
+
 def test_snapshot_is_not_written_while_conntrack_is_absent() -> None:
     """A blocked (or failing) conntrack after a reload: no tuning writes into files that do not exist."""
     s = decide(CFG, CoreState(), obs(tuning=TUNED), 0.0).state

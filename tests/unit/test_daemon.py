@@ -415,3 +415,29 @@ def test_editing_a_blocker_file_in_place_is_noticed(h: Harness) -> None:
         h.wait_for(lambda: h.host.is_live("nf_conntrack"), timeout=5)
 
     h.run(h.daemon(cfg_for(h.host, poll_interval=0.2)), driver)
+
+
+def test_conntrack_reloaded_by_our_own_nf_nat_restore_gets_its_tuning_back(h: Harness) -> None:
+    """`rmmod nf_nat nf_conntrack`: the daemon wakes on nf_nat's removal and modprobes nf_nat while rmmod
+    takes nf_conntrack; modprobe then loads a fresh conntrack (kernel defaults) as nf_nat's dependency.
+    That reload happened inside our own restore, never seen absent: only its new instance tells, and
+    its tuned values must still come back."""
+    host = h.host
+    host.write_sysctl("net.netfilter.nf_conntrack_max", "1048576")
+    # modprobe nf_nat finds rmmod's second half done: conntrack is gone (its old /sys dir kept aside so
+    # the new one cannot reuse the inode), and the fake loads it again with the defaults.
+    host.write_modprobe(extra='case " $* " in *" nf_nat "*) mv "$root/sys/module/nf_conntrack" "$root/old-ct"; '
+                              'rm -rf "$root/proc/sys/net/netfilter";; esac')
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        h.wait_for(lambda: bool(statefile.load(host.root / "run/state.json").tuning))  # type: ignore[union-attr]
+        host.unload("nf_nat")
+        h.monitor.send("remove nf_nat")
+        h.wait_for(lambda: host.is_live("nf_nat") and (host.root / "old-ct").exists())
+        for event in ("remove nf_conntrack", "add nf_conntrack", "add nf_nat"):  # queued during the restore
+            h.monitor.send(event)
+        h.wait_for(lambda: host.read_sysctl("net.netfilter.nf_conntrack_max") == "1048576", timeout=10)
+
+    h.run(h.daemon(cfg_for(host)), driver)
+    assert host.read_sysctl("net.netfilter.nf_conntrack_max") == "1048576"

@@ -195,3 +195,22 @@ def test_tuning_of_a_module_whose_identity_could_not_be_read_is_discarded(
     o = probe.observe(facts, ["nf_conntrack"], [])
     assert o.modules["nf_conntrack"].state.value == "live" and o.modules["nf_conntrack"].instance is None
     assert o.tuning == {}
+
+
+def test_tuning_read_while_the_module_starts_going_is_discarded(
+        loaded: FakeHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rmmod` of conntrack during a look: initstate said live, then the kernel marked it going and
+    unregistered its sysctls while we read them (the VM saw 8 of 48 keys). No partial tuning is offered."""
+    probe = KernelProbe(loaded.root)
+    facts = probe.facts()
+    real_tuning = probe.tuning
+
+    def going_midway() -> dict[str, str]:
+        (loaded.root / "sys/module/nf_conntrack/initstate").write_text("going\n")
+        values = real_tuning()
+        return dict(list(values.items())[:1])
+
+    monkeypatch.setattr(probe, "tuning", going_midway)
+    o = probe.observe(facts, ["nf_conntrack"], [])
+    assert o.modules["nf_conntrack"].state.value == "live"  # as read first
+    assert o.tuning == {}
