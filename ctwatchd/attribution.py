@@ -184,7 +184,7 @@ class ProcScan:
                     unit=unit_of(self._read(pid, "cgroup", 16384) or ""), ppid=ppid or None,
                     parents=tuple(parents))
 
-    def _score(self, pid: int, module: str) -> tuple[int, str]:
+    def _score(self, pid: int, comm: str, module: str) -> tuple[int, str]:
         """3: inside delete_module; 2: a kmod tool naming the module; 1: a kmod tool removing; 0: no."""
         syscall = self._read(pid, "syscall", 512)
         if syscall and self.delete_nr is not None and syscall.split()[:1] == [str(self.delete_nr)]:
@@ -192,10 +192,7 @@ class ProcScan:
         argv = self.argv(pid)
         if not argv:
             # a process that has just exited (a zombie) has no command line left, but its name
-            stat = self._stat(pid)
-            if stat is not None and stat[0] == "rmmod":
-                return 1, "rmmod was exiting"
-            return 0, ""
+            return (1, "rmmod was exiting") if comm == "rmmod" else (0, "")
         tool = os.path.basename(argv[0])
         if tool not in KMOD_TOOLS:
             return 0, ""
@@ -210,10 +207,6 @@ class ProcScan:
             return 1, f"{tool} removing modules was running"
         return 0, ""
 
-    def children_of_self(self, pid: int) -> bool:
-        stat = self._stat(pid)
-        return stat is not None and stat[1] == self.self_pid
-
     def scan(self, module: str, budget: float = SCAN_BUDGET) -> tuple[Proc, str] | None:
         """The likeliest remover of `module` still in /proc, with why it was picked; None if none."""
         deadline = self.clock() + budget
@@ -226,9 +219,10 @@ class ProcScan:
         for n, pid in enumerate(pids):
             if n >= SCAN_LIMIT or self.clock() > deadline:
                 break
-            if pid == self.self_pid or self.children_of_self(pid):
-                continue  # our own modprobe is a restore, never a removal
-            score, why = self._score(pid, module)
+            stat = self._stat(pid)  # once per process: (comm, ppid)
+            if stat is None or pid == self.self_pid or stat[1] == self.self_pid:
+                continue  # gone; or our own modprobe: a restore, never a removal
+            score, why = self._score(pid, stat[0], module)
             if score and (best is None or score > best[0]):
                 best = (score, pid, why)
                 if score == 3:
