@@ -96,13 +96,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return daemon.run()
 
 
+def _load_config(path: Path | None) -> configmod.Config | None:
+    """The configuration, or None once stderr says which file and key are wrong."""
+    try:
+        return configmod.load(path)
+    except ConfigError as exc:
+        print(f"ctwatchd: {exc}", file=sys.stderr)
+        return None
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from ctwatchd.check import UNKNOWN, format_json, format_table, run_check
 
-    try:
-        cfg = configmod.load(args.config)
-    except ConfigError as exc:
-        print(f"ctwatchd: {exc}", file=sys.stderr)
+    cfg = _load_config(args.config)
+    if cfg is None:
         return UNKNOWN
     try:
         report = run_check(cfg, args.root)
@@ -119,10 +126,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from ctwatchd.runner import Runner
     from ctwatchd.verdict import Inspector
 
-    try:
-        cfg = configmod.load(args.config)
-    except ConfigError as exc:
-        print(f"ctwatchd: {exc}", file=sys.stderr)
+    cfg = _load_config(args.config)
+    if cfg is None:
         return EXIT_CONFIG
     probe = KernelProbe(args.root)
     inspector = Inspector(probe, on_problem=lambda text: print(f"note: {text}", file=sys.stderr))
@@ -174,10 +179,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
     from ctwatchd import protect
     from ctwatchd.verdict import Inspector
 
-    try:
-        cfg = configmod.load(args.config)
-    except ConfigError as exc:
-        print(f"ctwatchd: {exc}", file=sys.stderr)
+    cfg = _load_config(args.config)
+    if cfg is None:
         return EXIT_CONFIG
     path = protect.guard_path(args.root)
     shown = "/" + protect.GUARD
