@@ -166,6 +166,7 @@ def test_deb_installs_the_expected_files(deb: Built) -> None:
         "/usr/lib/systemd/catalog/ctwatchd.catalog", "/usr/share/man/man8/ctwatchd.8.gz",
         "/usr/share/man/man5/ctwatchd.toml.5.gz", "/usr/lib/python3/dist-packages/ctwatchd/cli.py",
         "/usr/share/doc/ctwatchd/copyright", "/usr/share/ctwatchd/audit/ctwatchd.rules",
+        "/usr/share/ctwatchd/prometheus/ctwatchd-alerts.yml",
     }
     assert sorted(expected - paths) == []
     assert [p for p in paths if p.startswith("/usr/local")] == []
@@ -217,7 +218,8 @@ def test_rpm_lists_the_expected_files_config_and_scriptlets(rpm: Built) -> None:
     files = set(run(["rpm", "-qpl", pkg]).stdout.split())
     expected = {"/usr/bin/ctwatchd", "/etc/ctwatchd/ctwatchd.toml", "/usr/lib/systemd/system/ctwatchd.service",
                 "/usr/lib/systemd/catalog/ctwatchd.catalog", "/usr/share/man/man8/ctwatchd.8",
-                "/usr/share/man/man5/ctwatchd.toml.5", "/usr/share/ctwatchd/audit/ctwatchd.rules"}
+                "/usr/share/man/man5/ctwatchd.toml.5", "/usr/share/ctwatchd/audit/ctwatchd.rules",
+                "/usr/share/ctwatchd/prometheus/ctwatchd-alerts.yml"}
     assert sorted(expected - {re.sub(r"\.gz$", "", f) for f in files}) == []
     assert any(re.fullmatch(r"/usr/lib/python3\.\d+/site-packages/ctwatchd/cli\.py", f) for f in files)
     assert [f for f in files if f.startswith("/usr/local")] == []
@@ -253,7 +255,7 @@ def test_sdist_carries_unit_catalog_config_and_man_sources(python_dists: Built) 
     wanted = {"systemd/ctwatchd.service", "systemd/ctwatchd.catalog", "packaging/ctwatchd.toml",
               "docs/ctwatchd.8.scd", "docs/ctwatchd.toml.5.scd", "packaging/rpm/ctwatchd.spec",
               "packaging/debian/control", "packaging/build-man.sh", "MANIFEST.in",
-              "packaging/audit/ctwatchd.rules"}
+              "packaging/audit/ctwatchd.rules", "packaging/prometheus/ctwatchd-alerts.yml"}
     assert sorted(wanted - names) == []
     assert [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".deb", ".rpm"))] == []
 
