@@ -182,9 +182,23 @@ def format_table(report: Report) -> str:
         lines.append(f"note: {note}")
     for err in report.errors:
         lines.append(f"cannot tell: {err}")
-    problems = "; ".join(report.look.decision.health.problems)
-    lines.append(f"status: {report.status}" + (f" ({problems})" if problems else ""))
+    lines.append(status_line(report))
     return "\n".join(lines)
+
+
+# node-problem-detector keeps this much of a plugin's output (max_output_length in
+# packaging/node-problem-detector/ctwatchd-monitor.json) as the node condition's message.
+STATUS_LIMIT = 256
+
+
+def status_line(report: Report) -> str:
+    """The last line, which NPD and the liveness probe show: each problem without the detail the
+    table above already gives (why a module is absent), so all of them fit in STATUS_LIMIT."""
+    obs = report.look.observation
+    heads = [f"{n} {st.state.value}" for n in report.look.watched if (st := obs.modules.get(n)) is not None]
+    brief = [next((h for h in heads if p.startswith(h + " (")), p) for p in report.look.decision.health.problems]
+    line = clean(f"status: {report.status}" + (f" ({'; '.join(brief)})" if brief else ""), 4 * STATUS_LIMIT)
+    return line if len(line) <= STATUS_LIMIT else line[:STATUS_LIMIT - 1] + "…"
 
 
 def _docker_line(d: dict[str, Any]) -> str:

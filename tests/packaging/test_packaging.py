@@ -422,11 +422,17 @@ def test_npd_rule_passes_check_status_and_last_line(tmp_path: Path, case: str, s
     args = [a.replace("/usr/bin/ctwatchd", str(shim)) for a in rule["args"]]
     done = subprocess.run([rule["path"], *args], capture_output=True, text=True, check=False,
                           timeout=go_seconds(rule["timeout"]))
-    message = done.stdout.strip()[: data["pluginConfig"]["max_output_length"]]
+    limit = data["pluginConfig"]["max_output_length"]
+    message = done.stdout.strip()
     assert done.returncode == status, done.stdout + done.stderr
     assert "\n" not in message
+    # NPD cuts the output at max_output_length: all of it must fit, naming every module at fault.
+    assert len(message) <= limit, (len(message), message)
     if status < 2:
         assert message.startswith(f"status: {case}"), message
+    if case != "healthy":
+        assert all(f"{m} {'absent' if case == 'degraded' else 'unavailable'}" in message
+                   for m in ("nf_conntrack", "nf_nat", "br_netfilter")), message
 
 
 # --- Kubernetes --------------------------------------------------------------------------------------

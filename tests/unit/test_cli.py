@@ -57,6 +57,23 @@ def test_check_degraded_exits_1_and_json_names_the_problems(loaded: FakeHost) ->
     assert any("blocked by" in p for p in data["problems"])
 
 
+def test_checks_last_line_names_every_problem_within_256_characters(loaded: FakeHost) -> None:
+    """The last line is what node-problem-detector keeps (256 characters) and shows as the node's
+    condition: every module at fault is named there, their details stay in the table above, and a
+    blocker line of any length cannot push it past the limit."""
+    for m in ("br_netfilter", "nf_nat", "nf_conntrack"):
+        loaded.unload(m)
+    r = ctw("check", "--root", str(loaded.root), "--config", str(loaded.config()))
+    last = r.stdout.rstrip().splitlines()[-1]
+    assert r.returncode == 1 and len(last) <= 256, last
+    assert all(f"{m} absent" in last for m in ("nf_conntrack", "nf_nat", "br_netfilter")), last
+    assert "net.bridge.bridge-nf-call-iptables missing" in last
+    assert "absent       not loaded" in r.stdout and "not loaded" not in last  # the detail is in the table only
+    loaded.block("install nf_conntrack /bin/true " + "x" * 2000)
+    last = ctw("check", "--root", str(loaded.root), "--config", str(loaded.config())).stdout.rstrip().splitlines()[-1]
+    assert len(last) == 256 and last.startswith("status: degraded (nf_conntrack blocked by") and last.endswith("…")
+
+
 def test_check_builtin_kernel_is_healthy(tmp_path: Path) -> None:
     """This CI machine's case: no module support, everything built in -> healthy."""
     host = FakeHost(tmp_path / "r", module_support=False)
