@@ -15,7 +15,7 @@ debs=(
     rpm                                                           # rpmbuild, rpm -qp
     scdoc groff-base man-db                                       # man pages
     shellcheck                                                    # the scripts themselves
-    prometheus                                                    # promtool: the alert rules
+    prometheus prometheus-node-exporter                           # promtool; node_exporter scraping ctwatchd
     python3-venv python3-pyudev python3-structlog python3-sdnotify kmod libudev1  # run what we built
 )
 missing=()
