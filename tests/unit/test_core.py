@@ -275,20 +275,22 @@ def test_kernel_version_parsing(release: str, version: tuple[int, int]) -> None:
     assert core.kernel_version(release) == version
 
 
+def live_ct(instance: int | None, tuning: dict[str, str]) -> Observation:
+    """All live, nf_conntrack as the module instance given (its /sys/module inode), with these values."""
+    o = obs(tuning=tuning)
+    mods = dict(o.modules)
+    mods["nf_conntrack"] = replace(mods["nf_conntrack"], instance=instance)
+    return replace(o, modules=mods)
+
+
 def test_reload_seen_only_as_a_new_instance_still_reapplies_tuning() -> None:
     """Removed and reloaded between two looks (no absent observation): the new inode gives it away."""
-    def live(instance: int, tuning: dict[str, str]) -> Observation:
-        o = obs(tuning=tuning)
-        mods = dict(o.modules)
-        mods["nf_conntrack"] = replace(mods["nf_conntrack"], instance=instance)
-        return replace(o, modules=mods)
-
-    s = decide(CFG, CoreState(), live(100, TUNED), 0.0).state
+    s = decide(CFG, CoreState(), live_ct(100, TUNED), 0.0).state
     assert s.conntrack_instance == 100 and s.tuning == TUNED
-    d = decide(CFG, s, live(101, DEFAULTS), 1.0)
+    d = decide(CFG, s, live_ct(101, DEFAULTS), 1.0)
     assert d.state.conntrack_reloaded and d.state.tuning == TUNED
     assert dict(d.plan.steps[0].sysctls) == TUNED
-    same = decide(CFG, s, live(100, {**TUNED, "net.netfilter.nf_conntrack_max": "5"}), 1.0)
+    same = decide(CFG, s, live_ct(100, {**TUNED, "net.netfilter.nf_conntrack_max": "5"}), 1.0)
     assert not same.state.conntrack_reloaded  # same instance: an admin's change, learned
     assert same.state.tuning["net.netfilter.nf_conntrack_max"] == "5"
 
@@ -297,16 +299,10 @@ def test_a_look_that_cannot_read_conntracks_identity_does_not_forget_it() -> Non
     """initstate read "live", then /sys/module/nf_conntrack vanished before its stat (a removal racing
     the look): the identity is unknown, not new. Forgetting the old one let the next look, of a fresh
     reload, teach the snapshot the kernel's defaults (seen in the VM: nf_conntrack_max back to 7680)."""
-    def live(instance: int | None, tuning: dict[str, str]) -> Observation:
-        o = obs(tuning=tuning)
-        mods = dict(o.modules)
-        mods["nf_conntrack"] = replace(mods["nf_conntrack"], instance=instance)
-        return replace(o, modules=mods)
-
-    s = decide(CFG, CoreState(), live(100, TUNED), 0.0).state
-    torn = decide(CFG, s, live(None, {}), 1.0)
+    s = decide(CFG, CoreState(), live_ct(100, TUNED), 0.0).state
+    torn = decide(CFG, s, live_ct(None, {}), 1.0)
     assert torn.state.conntrack_instance == 100 and torn.state.tuning == TUNED
-    d = decide(CFG, torn.state, live(101, DEFAULTS), 2.0)
+    d = decide(CFG, torn.state, live_ct(101, DEFAULTS), 2.0)
     assert d.state.conntrack_reloaded and d.state.tuning == TUNED
     assert dict(d.plan.steps[0].sysctls) == TUNED
 
@@ -314,18 +310,12 @@ def test_a_look_that_cannot_read_conntracks_identity_does_not_forget_it() -> Non
 def test_the_same_module_showing_fewer_tuning_keys_does_not_shrink_the_snapshot() -> None:
     """A read torn by a removal that began during it: same instance, some keys missing. Learning it
     dropped nf_conntrack_max from the snapshot, and the reload after it went untuned (seen in the VM)."""
-    def live(instance: int, tuning: dict[str, str]) -> Observation:
-        o = obs(tuning=tuning)
-        mods = dict(o.modules)
-        mods["nf_conntrack"] = replace(mods["nf_conntrack"], instance=instance)
-        return replace(o, modules=mods)
-
-    s = decide(CFG, CoreState(), live(100, TUNED), 0.0).state
-    torn = decide(CFG, s, live(100, {"net.netfilter.nf_conntrack_tcp_timeout_established": "432000"}), 1.0)
+    s = decide(CFG, CoreState(), live_ct(100, TUNED), 0.0).state
+    torn = decide(CFG, s, live_ct(100, {"net.netfilter.nf_conntrack_tcp_timeout_established": "432000"}), 1.0)
     assert torn.state.tuning == TUNED
-    d = decide(CFG, torn.state, live(101, DEFAULTS), 2.0)
+    d = decide(CFG, torn.state, live_ct(101, DEFAULTS), 2.0)
     assert d.state.conntrack_reloaded and dict(d.plan.steps[0].sysctls) == TUNED
-    grown = decide(CFG, s, live(100, {**TUNED, "net.netfilter.nf_conntrack_acct": "1"}), 3.0)
+    grown = decide(CFG, s, live_ct(100, {**TUNED, "net.netfilter.nf_conntrack_acct": "1"}), 3.0)
     assert grown.state.tuning["net.netfilter.nf_conntrack_acct"] == "1"  # more keys, or changed values: learned
 
 
