@@ -199,14 +199,16 @@ def phase_sysctl_fight() -> None:
     t0 = time.monotonic()
     r["rmmod"] = sh("rmmod", "br_netfilter").returncode
     samples: list[tuple[float, str | None]] = []
-    while time.monotonic() - t0 < 34:
-        samples.append((round(time.monotonic() - t0, 2), read(BRIDGE)))
-        time.sleep(0.1)
-    ones_from = None
-    for i, (t, value) in enumerate(samples):
-        if value == "1" and all(v == "1" for _, v in samples[i:]):
-            ones_from = t
+    ones_from = None  # start of the trailing run of 1s
+    # Sample until 1 has held 30 s (udev's write can come late under TCG: a fixed 34 s window once
+    # ended 29.7 s after it), at most 60 s.
+    while (elapsed := time.monotonic() - t0) < 60:
+        value = read(BRIDGE)
+        samples.append((round(elapsed, 2), value))
+        ones_from = (ones_from if ones_from is not None else round(elapsed, 2)) if value == "1" else None
+        if ones_from is not None and elapsed - ones_from >= 30.5:
             break
+        time.sleep(0.1)
     r["holds_1_from_s"] = ones_from
     zeros = [t for t, v in samples if v == "0"]
     r["udev_zero_from_s"], r["udev_zero_until_s"] = (zeros[0], zeros[-1]) if zeros else (None, None)
