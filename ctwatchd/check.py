@@ -186,19 +186,24 @@ def format_table(report: Report) -> str:
     return "\n".join(lines)
 
 
-# node-problem-detector keeps this much of a plugin's output (max_output_length in
-# packaging/node-problem-detector/ctwatchd-monitor.json) as the node condition's message.
+# node-problem-detector keeps this many bytes of a plugin's output (max_output_length in
+# packaging/node-problem-detector/ctwatchd-monitor.json; Go slices the string by bytes) as the
+# node condition's message.
 STATUS_LIMIT = 256
 
 
 def status_line(report: Report) -> str:
     """The last line, which NPD and the liveness probe show: each problem without the detail the
-    table above already gives (why a module is absent), so all of them fit in STATUS_LIMIT."""
+    table above already gives (why a module is absent), so all of them fit in STATUS_LIMIT bytes."""
     obs = report.look.observation
     heads = [f"{n} {st.state.value}" for n in report.look.watched if (st := obs.modules.get(n)) is not None]
     brief = [next((h for h in heads if p.startswith(h + " (")), p) for p in report.look.decision.health.problems]
     line = clean(f"status: {report.status}" + (f" ({'; '.join(brief)})" if brief else ""), 4 * STATUS_LIMIT)
-    return line if len(line) <= STATUS_LIMIT else line[:STATUS_LIMIT - 1] + "…"
+    raw = line.encode()
+    if len(raw) <= STATUS_LIMIT:
+        return line
+    # cut at a character boundary, so a Cyrillic file name cannot end in half a UTF-8 sequence
+    return raw[:STATUS_LIMIT - len("…".encode())].decode(errors="ignore") + "…"
 
 
 def _docker_line(d: dict[str, Any]) -> str:

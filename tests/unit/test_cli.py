@@ -71,7 +71,13 @@ def test_checks_last_line_names_every_problem_within_256_characters(loaded: Fake
     assert "absent       not loaded" in r.stdout and "not loaded" not in last  # the detail is in the table only
     loaded.block("install nf_conntrack /bin/true " + "x" * 2000)
     last = ctw("check", "--root", str(loaded.root), "--config", str(loaded.config())).stdout.rstrip().splitlines()[-1]
-    assert len(last) == 256 and last.startswith("status: degraded (nf_conntrack blocked by") and last.endswith("…")
+    assert 254 <= len(last.encode()) <= 256, last  # filled to the byte limit, cut at a character
+    assert last.startswith("status: degraded (nf_conntrack blocked by") and last.endswith("…")
+    # NPD counts bytes: a blocker file named in Cyrillic must not push the line past 256 of them
+    (loaded.root / "etc/modprobe.d/protect.conf").unlink()
+    loaded.block("install nf_conntrack /bin/true " + "я" * 300, file="защита.conf")
+    last = ctw("check", "--root", str(loaded.root), "--config", str(loaded.config())).stdout.rstrip().splitlines()[-1]
+    assert len(last.encode()) <= 256 and last.endswith("…") and "nf_conntrack blocked by" in last, last
 
 
 def test_check_builtin_kernel_is_healthy(tmp_path: Path) -> None:
