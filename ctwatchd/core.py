@@ -160,11 +160,11 @@ def _learn(cfg: Config, state: CoreState, obs: Observation, health_ok: bool, due
     dependents = {m: bases for m, bases in obs.holders.items() if m not in watched and not never_restore(cfg, m)}
     gone_since: dict[str, float] = {}
     for dep, bases in state.dependents.items():
-        st = obs.modules.get(dep)
-        # live and no longer a holder: it does not depend on them now. Anything else (absent, or still
-        # going: its holders link goes before the module does, and a slow removal spans several looks)
-        # is kept for FORGET_AFTER.
-        if dep in dependents or never_restore(cfg, dep) or (st is not None and st.state is ModuleState.LIVE):
+        # Not a holder now: absent, going (its holders link goes before the module does), or even live,
+        # because a look reads the modules' states before their holders and a clean-up unloading one
+        # module after another (firewalld's stop) can take it in between. A module cannot stop
+        # depending on a base while loaded, so each case is kept for FORGET_AFTER, not dropped at once.
+        if dep in dependents or never_restore(cfg, dep):
             continue
         since = state.gone_since.get(dep, now)
         if now - since < FORGET_AFTER:

@@ -90,6 +90,20 @@ def test_a_dependent_seen_going_is_not_forgotten() -> None:
     assert "nf_nat_ftp" in decide(Config(), d.state, obs_with(gone, holders={}), 2.0).plan.modules
 
 
+def test_a_dependent_read_live_but_gone_from_the_holders_is_not_forgotten() -> None:
+    """A look reads the states, then the holders; firewalld's next rmmod can fall in between, so the
+    helper reads live yet is no holder. One such torn look must not drop it: when the base goes
+    moments later it still comes back."""
+    holders = {k: v for k, v in HOLDERS.items() if k != "nf_nat_ftp"}
+    d = decide(Config(), learned(), obs_with(LIVE, holders=holders), 1.0)
+    assert "nf_nat_ftp" in d.state.dependents and d.state.gone_since == {"nf_nat_ftp": 1.0}
+    gone = dict.fromkeys((*ALL, *FTP), ModuleState.ABSENT)
+    assert "nf_nat_ftp" in decide(Config(), d.state, obs_with(gone, holders={}), 2.0).plan.modules
+    # ... and a holder again at the next look: remembered as before, its clock cleared
+    d = decide(Config(), d.state, obs_with(LIVE, holders=HOLDERS), 2.0)
+    assert dict(d.state.dependents) == dict(learned().dependents) and d.state.gone_since == {}
+
+
 def test_a_clean_up_unloading_one_module_at_a_time_brings_all_back() -> None:
     """firewalld's rmmod one by one: the holders go seconds before nf_conntrack, and a healthy look in
     between sees them gone with their base still there. When the base goes too, they all come back."""
