@@ -41,3 +41,23 @@ need() {  # need TOOL PACKAGE...: fail with one line naming what to install
     echo "missing $tool: apt-get install $* (or: packaging/install-build-deps.sh)" >&2
     exit 127
 }
+
+# The Debian mirror for debootstrap: $DEBIAN_MIRROR, else the first one apt uses here.
+debian_mirror() {
+    if [[ -n ${DEBIAN_MIRROR:-} ]]; then printf '%s\n' "$DEBIAN_MIRROR"; return; fi
+    local f
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [[ -e $f ]] || continue
+        awk '/^URIs:/ {print $2; exit}' "$f"
+        return
+    done
+    [[ -e /etc/apt/sources.list ]] && awk '$1 == "deb" && $2 !~ /^\[/ {print $2; exit}' /etc/apt/sources.list
+}
+
+# debootstrap, installed from apt when missing (a fresh CI machine has none; the callers are root).
+need_debootstrap() {
+    command -v debootstrap >/dev/null && return 0
+    timeout 600 apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
+    command -v debootstrap >/dev/null || { echo "apt-get install debootstrap failed" >&2; exit 1; }
+}

@@ -8,6 +8,8 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../../.." && pwd)
+# shellcheck source-path=SCRIPTDIR source=../../../packaging/lib.sh
+source "$repo/packaging/lib.sh"  # debian_mirror, need_debootstrap
 cache=${CTWATCHD_VM_CACHE:-$repo/.cache/vm}
 root=$cache/sysroot
 kdir=${CTWATCHD_VM_KERNEL:-$cache/kernel}
@@ -33,28 +35,12 @@ masks=(apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.
 stamp_want="v3 $suite $pkgs"
 stamp=$root/.ctwatchd-sysroot
 
-mirror() {
-  if [[ -n ${DEBIAN_MIRROR:-} ]]; then echo "$DEBIAN_MIRROR"; return; fi
-  local f
-  for f in /etc/apt/sources.list.d/*.sources; do
-    [[ -e $f ]] || continue
-    awk '/^URIs:/ {print $2; exit}' "$f"
-    return
-  done
-  awk '$1 == "deb" && $2 !~ /^\[/ {print $2; exit}' /etc/apt/sources.list
-}
-
 build() {
   local tmp=$root.tmp url
   [[ $EUID -eq 0 ]] || { echo "build-root: debootstrap needs root" >&2; exit 1; }
-  url=$(mirror)
+  url=$(debian_mirror)
   [[ -n $url ]] || { echo "build-root: no Debian mirror found" >&2; exit 1; }
-  if ! command -v debootstrap >/dev/null; then
-    # A fresh CI machine has no debootstrap: install it (we are root here, see above).
-    timeout 600 apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
-  fi
-  command -v debootstrap >/dev/null || { echo "build-root: apt-get install debootstrap failed" >&2; exit 1; }
+  need_debootstrap
   rm -rf "$tmp" "$root"
   mkdir -p "$cache"
   echo "build-root: debootstrap $suite from $url into $root" >&2
