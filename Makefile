@@ -28,6 +28,9 @@ unit: $(BIN)/.installed
 vm: $(BIN)/.installed
 	VENV=$(abspath $(VENV)) bash tests/vm/prepare.sh
 	bash tests/vm/systemd/build-root.sh
+	# The DaemonSet image's base, for the offline `docker build` in the docker boot (test_docker.py).
+	base=$${CTWATCHD_VM_CACHE:-.cache/vm}/ctwatchd-base.tar; \
+	  [ -s "$$base" ] || bash packaging/kubernetes/build-base.sh "$$base"
 	$(BIN)/pytest -q tests/vm
 
 packaging: $(BIN)/.installed

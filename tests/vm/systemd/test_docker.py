@@ -4,18 +4,26 @@ The root gets docker enabled at boot with live-restore and /var/lib/docker on a 
 overlayfs), ctwatchd enabled with `docker = "if-needed"`, and an image imported offline from
 busybox-static. docker_guest.py runs the scenarios in order: boot order, bridged traffic, isolation,
 a firewall clean-up, and if-active / no docker; each test here checks one claim from its facts.
+Then, in the same boot, daemonset_guest.py builds the DaemonSet's image offline (a base from
+packaging/kubernetes/build-base.sh, the wheels from this checkout, `docker build --network none`) and
+runs it as the manifest declares, with the host's ctwatchd.service stopped.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from ctwatchd import __version__
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
@@ -46,7 +54,58 @@ Options=mode=0711
 """
 DOCKER_DROPIN = "[Unit]\nRequiresMountsFor=/var/lib/docker /var/lib/containerd\n"
 WANTS = "/etc/systemd/system/multi-user.target.wants"
-SCRIPT = "python3 /root/docker_guest.py results\n"
+SCRIPT = "python3 /root/docker_guest.py results; python3 /root/daemonset_guest.py results\n"
+K8S = sysguest.REPO / "packaging/kubernetes"
+BASE_TAR = sysguest.CACHE / "ctwatchd-base.tar"  # made by packaging/kubernetes/build-base.sh (make vm)
+# Debian's node_exporter from packaging/install-build-deps.sh (the packaging tier), run in the guest:
+# the same bookworm libc.
+NODE_EXPORTER = Path("/usr/bin/prometheus-node-exporter")
+
+
+def daemonset_spec() -> dict[str, Any]:
+    """The container as daemonset.yaml and configmap.yaml declare it, for the guest's `docker run`."""
+    yaml: Any = importlib.import_module("yaml")  # the test extra's PyYAML (untyped), on the host only
+    docs = [d for f in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    ds = next(d for d in docs if d["kind"] == "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = []
+    for vm in c["volumeMounts"]:
+        vol = volumes[vm["name"]]
+        kind = next(k for k in ("configMap", "emptyDir", "hostPath") if k in vol)
+        mounts.append({"kind": kind, "path": vm["mountPath"], "readOnly": bool(vm.get("readOnly")),
+                       "host": vol.get("hostPath", {}).get("path"),
+                       "size": str(vol.get("emptyDir", {}).get("sizeLimit", "")).lower().rstrip("i")})
+    caps = re.search(r"#\s+capabilities: \{drop: \[\"ALL\"\], add: \[([^]]*)\]\}", (K8S / "daemonset.yaml").read_text())
+    assert caps, "daemonset.yaml no longer documents the unprivileged variant"
+    cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    return {"image": c["image"], "args": c["args"], "env": {e["name"]: e["value"] for e in c.get("env", [])},
+            "privileged": c["securityContext"]["privileged"],
+            "readOnlyRootFilesystem": c["securityContext"]["readOnlyRootFilesystem"],
+            "hostNetwork": pod["hostNetwork"], "grace": pod["terminationGracePeriodSeconds"],
+            "liveness": c["livenessProbe"]["exec"]["command"], "mounts": mounts,
+            "unprivileged_caps": re.findall(r'"([A-Z_]+)"', caps.group(1)),
+            "config": cm["data"]["ctwatchd.toml"]}
+
+
+def image_files(work: Path) -> dict[str, str | bytes | Path]:
+    """/root/image in the guest: the base's tar, the build context (Containerfile, the wheel and the
+    wheels of its dependencies, made here where PyPI is reachable) and the pod spec."""
+    wheels = work / "image-wheels"
+    subprocess.run([str(sysguest.VENV_BIN / "python"), "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheels),
+                    f"{sysguest.REPO}[metrics]"], check=True, timeout=600)
+    files: dict[str, str | bytes | Path] = {
+        "/root/image/ctwatchd-base.tar": BASE_TAR,
+        "/root/image/spec.json": json.dumps(daemonset_spec()),
+        "/root/image/prometheus-node-exporter": NODE_EXPORTER,
+        "/root/image/ctx/packaging/kubernetes/Containerfile": K8S / "Containerfile",
+        "/root/daemonset_guest.py": HERE / "daemonset_guest.py",
+    }
+    for whl in wheels.glob("*.whl"):
+        where = "dist" if whl.name.startswith("ctwatchd-") else "dist/wheels"
+        files[f"/root/image/ctx/{where}/{whl.name}"] = whl
+    return files
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +114,10 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = sysguest.SYSROOT
     if not missing and not (root / "usr/sbin/dockerd").exists():
         missing.append(f"docker.io in {root} (run {HERE / 'build-root.sh'})")
+    if not BASE_TAR.exists():
+        missing.append(f"the image base {BASE_TAR} (run packaging/kubernetes/build-base.sh {BASE_TAR})")
+    if not NODE_EXPORTER.exists():
+        missing.append(f"{NODE_EXPORTER} (packaging/install-build-deps.sh)")
     if missing:
         if os.environ.get("CI"):
             pytest.fail(f"docker VM tier needs: {', '.join(missing)}", pytrace=False)
@@ -67,6 +130,7 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "/etc/systemd/system/var-lib-containerd.mount": TMPFS_MOUNT % ("containerd's state", "/var/lib/containerd"),
         "/etc/systemd/system/docker.service.d/tmpfs.conf": DOCKER_DROPIN,
         "/root/docker_guest.py": HERE / "docker_guest.py",
+        **image_files(work),
     }
     links = {f"{WANTS}/ctwatchd.service": "/etc/systemd/system/ctwatchd.service",
              f"{WANTS}/docker.service": "/lib/systemd/system/docker.service",
@@ -77,7 +141,7 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             path.unlink(missing_ok=True)
             path.symlink_to(target)
         try:
-            boot = sysguest.boot_systemd(root, SCRIPT, timeout=1500, results=work / "results", memory="2G",
+            boot = sysguest.boot_systemd(root, SCRIPT, timeout=2700, results=work / "results", memory="2G",
                                          append=("apparmor=0",))
         finally:
             for link in links:
@@ -88,9 +152,13 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                     ("etc/systemd/system", unit.name) if unit.name.endswith(".d") else ("lib/systemd/system", unit.name)
                 shutil.move(str(unit), str(root / home / name))
             shutil.rmtree(hidden, ignore_errors=True)
+            for left in ("/root/image", "/root/ds", "/var/lib/node_exporter"):
+                sysguest.remove_tree(root, left)  # what the build and the pod's mounts left behind
     assert not boot.timed_out, boot.console[-3000:]
     data: dict[str, Any] = json.loads((work / "results/docker.json").read_text())
     data["boot_seconds"] = round(boot.elapsed, 1)
+    ds = work / "results/daemonset.json"
+    data["daemonset"] = json.loads(ds.read_text()) if ds.exists() else {"errors": {"all": "no daemonset.json"}}
     print(json.dumps({k: v for k, v in data.items() if k != "setup"}, indent=2))
     return data
 
@@ -160,3 +228,95 @@ def test_if_active_still_restarts_and_no_docker_is_a_clear_skip(docker: dict[str
     assert [d["reason"] for d in absent["decisions"]] == ["docker.service is not installed"]
     assert absent["steps"] == ["docker.service is not installed"]
     assert r["ctwatchd_state"] == "active"
+
+
+# -- the DaemonSet's shape (daemonset_guest.py, same boot) ---------------------------------------------
+
+
+def pod(docker: dict[str, Any], step: str) -> dict[str, Any]:
+    d = docker["daemonset"]
+    assert step not in d.get("errors", {}), d["errors"][step]
+    return dict(d[step])
+
+
+def test_the_image_builds_with_no_network_from_the_imported_base(docker: dict[str, Any]) -> None:
+    """`docker build --network none` of the Containerfile on build-base.sh's root and the checkout's wheels;
+    the image runs `ctwatchd --version`, and the venv layer on top of the base stays small."""
+    b = pod(docker, "build")
+    assert b["build_rc"] == 0, b["build_tail"]
+    assert pod(docker, "privileged")["version"] == f"ctwatchd {__version__}"
+    mib = 1024 * 1024
+    print(f"image: {b['image_bytes'] / mib:.1f} MiB ({b['base_bytes'] / mib:.1f} MiB base); "
+          f"import {b['import_s']} s, build {b['build_s']} s")
+    assert b["image_bytes"] - b["base_bytes"] < 40 * mib, b
+
+
+def test_the_pod_loads_the_family_and_repairs_the_hosts_modules_and_sysctls(docker: dict[str, Any]) -> None:
+    """Privileged, host network, the host's /lib/modules and modprobe.d read-only, the ConfigMap's config:
+    started with the family unloaded it loads it and the host's bridge sysctl is 1; after each host rmmod
+    it is back; ctwatchd is the container's PID 1."""
+    r = pod(docker, "privileged")
+    assert r["absent_before_start"] and r["start_to_restored_s"] is not None, r
+    assert r["pid1"] == "ctwatchd"
+    print(f"pod: started to restored {r['start_to_restored_s']} s; host rmmod to restored "
+          f"{[x['restored_s'] for x in r['removals']]} s")
+    assert [x["restored_s"] is not None for x in r["removals"]] == [True, True], r["removals"]
+
+
+def test_liveness_passes_healthy_and_degraded_and_fails_only_when_check_cannot_tell(docker: dict[str, Any]) -> None:
+    """The manifest's liveness command: `ctwatchd check` exits 0 healthy, 1 degraded (a host modprobe.d
+    blocker, nf_nat removed: the probe still passes), 2 on a broken config (the probe fails)."""
+    r = pod(docker, "privileged")
+    assert (r["check_healthy"], r["liveness_healthy"]) == (0, 0)
+    assert (r["check_degraded"], r["liveness_degraded"]) == (1, 0) and r["conntrack_while_blocked"] is None, r
+    assert r["unblocked_to_restored_s"] is not None
+    c = pod(docker, "cannot_tell")
+    assert (c["check_rc"], c["liveness_rc"]) == (2, 1), c
+
+
+def test_json_log_lines_metrics_and_sigterm_within_the_grace_period(docker: dict[str, Any]) -> None:
+    """Every container log line is JSON, on stderr as the ConfigMap says; the textfile on the host has the
+    metrics; `docker stop` (SIGTERM, then the grace period) ends it with exit 0 well inside the grace."""
+    r = pod(docker, "privileged")
+    logs = r["logs"]
+    assert logs["not_json"] == [] and logs["json_lines"]["stdout"] == 0 and logs["json_lines"]["stderr"] > 10, logs
+    assert {"daemon.ready", "restore.planned", "restore.finished", "daemon.stopping"} <= set(logs["events"])
+    assert {"ctwatchd_healthy", "ctwatchd_restores_total", "ctwatchd_conntrack_absent"} <= set(r["metrics"])
+    print(f"pod: docker stop took {r['stop_s']} s (terminationGracePeriodSeconds 30): 'stopping' logged after "
+          f"{r['stopping_logged_after_s']} s, exited after {r['exited_after_s']} s")
+    # exit 0, not 137: it ended on SIGTERM by itself, before the runtime's SIGKILL at the grace's end
+    assert r["stop_rc"] == 0 and r["exit_code"] == "0" and r["stop_s"] < 30, r
+
+
+def test_hook_grandchildren_handed_to_pid_1_are_reaped(docker: dict[str, Any]) -> None:
+    """20 restores, each running a hook that leaves a background `sleep 3` behind: the orphans become
+    ctwatchd's children (seen) and none is left a zombie."""
+    h = pod(docker, "hooks")
+    assert h["restores"] == 20 and h["hook_runs"] == 20, h
+    assert h["orphans_seen"] > 0 and h["zombies"] == [], h
+
+
+def test_the_unprivileged_variant_loads_modules_but_cannot_write_sysctls(docker: dict[str, Any]) -> None:
+    """SYS_MODULE + NET_ADMIN, not privileged, as the manifest's comment documents: modules come back;
+    a sysctl set behind its back and a tuned value a reload reset stay wrong (/proc/sys is read-only)."""
+    u = pod(docker, "unprivileged")
+    print(f"unprivileged: {json.dumps({k: v for k, v in u.items() if k != 'logs'})}")
+    assert u["ready_s"] is not None and u["module_back_s"] is not None and u["conntrack_back_s"] is not None, u
+    assert u["bridge_after_drift"] == "0" and u["conntrack_max_after"] != "131072", u
+    assert u["check_rc"] == 1 and u["failed_steps"], u
+
+
+def test_node_exporter_scrapes_the_pods_metrics_on_the_real_kernel(docker: dict[str, Any]) -> None:
+    """Debian's node_exporter on the host, textfile collector on the pod's hostPath and its own conntrack
+    collector: healthy; degraded with nf_conntrack blocked and gone (ctwatchd_conntrack_absent 1 while
+    node_nf_conntrack_entries is simply missing); restored, the reloads counted."""
+    r = pod(docker, "privileged")
+    healthy, degraded, back = r["scrape_healthy"], r["scrape_degraded"], r["scrape_restored"]
+    assert healthy.get("ctwatchd_healthy") == 1 and healthy.get("ctwatchd_conntrack_absent") == 0, healthy
+    assert "node_nf_conntrack_entries" in healthy
+    assert degraded.get("ctwatchd_conntrack_absent") == 1 and degraded.get("ctwatchd_healthy") == 0, degraded
+    assert "node_nf_conntrack_entries" not in degraded
+    assert back.get("ctwatchd_healthy") == 1 and "node_nf_conntrack_entries" in back, back
+    ok = [v for k, v in back.items() if k.startswith("ctwatchd_restores_total{")
+          and 'module="nf_conntrack"' in k and 'result="ok"' in k]
+    assert ok and ok[0] >= 2, back  # the host rmmod earlier, and the reload once unblocked
