@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,6 +38,15 @@ def iso(stamp: str) -> float:
     """An RFC 3339 time (docker's has nanoseconds) as seconds since the epoch."""
     head, _, frac = stamp.rstrip("Z").partition(".")
     return datetime.fromisoformat(head).replace(tzinfo=UTC).timestamp() + float(f"0.{frac or 0}")
+
+
+def running(pid: str) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2:].split()[0] != "Z"
 
 
 def live(*modules: str) -> bool:
@@ -229,16 +239,17 @@ def step_privileged() -> None:
     r["metrics"] = sorted({line.split("{")[0].split(" ")[0] for line in
                            Path(TEXTFILE_DIR, "ctwatchd.prom").read_text().splitlines()
                            if line.startswith("ctwatchd_")})
+    # SIGTERM as kubelet's runtime sends it to PID 1, timed from the kill itself: a `docker stop` adds
+    # the CLI's and dockerd's own seconds under TCG (12 s of 19 in one run) to what the daemon takes.
+    pid = host_pid(NAME)
     t0, wall = time.monotonic(), time.time()
-    stop = sh("docker", "stop", "-t", str(SPEC["grace"]), NAME, timeout=SPEC["grace"] + 60)
-    r["stop_s"], r["stop_rc"] = round(time.monotonic() - t0, 2), stop.returncode
-    r["exit_code"] = sh("docker", "inspect", "-f", "{{.State.ExitCode}}", NAME).stdout.strip()
-    finished = sh("docker", "inspect", "-f", "{{.State.FinishedAt}}", NAME).stdout.strip()
+    os.kill(int(pid), signal.SIGTERM)
+    r["sigterm_to_exit_s"] = wait_for(lambda: not running(pid), SPEC["grace"] + 30, 0.05)
+    r["exit_code"] = sh("docker", "wait", NAME, timeout=120).stdout.strip()
     r["logs"] = logs(NAME)
-    # where the time went: the daemon's own "stopping" line, and the runtime's record of its exit
     stopping = [e["timestamp"] for e in r["logs"].pop("entries") if e.get("event") == "daemon.stopping"]
     r["stopping_logged_after_s"] = round(iso(stopping[-1]) - wall, 2) if stopping else None
-    r["exited_after_s"] = round(iso(finished) - wall, 2) if finished else None
+    r["wait_s"] = round(time.monotonic() - t0, 2)
     sh("docker", "rm", "-f", NAME)
 
 
@@ -255,9 +266,13 @@ def step_cannot_tell() -> None:
     r["check_rc"], r["liveness_rc"] = int(codes.get("check", -1)), int(codes.get("liveness", -1))
 
 
-def children(name: str) -> list[tuple[str, str]]:
-    """(comm, state) of each child of the container's PID 1 (ctwatchd), read through the host's /proc."""
-    pid = sh("docker", "inspect", "-f", "{{.State.Pid}}", name).stdout.strip()
+def host_pid(name: str) -> str:
+    return sh("docker", "inspect", "-f", "{{.State.Pid}}", name).stdout.strip()
+
+
+def children(pid: str) -> list[tuple[str, str]]:
+    """(comm, state) of each child of the container's PID 1 (ctwatchd, `pid` on the host), read through
+    the host's /proc: fast, where one `docker inspect` can outlive the orphan."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -281,20 +296,22 @@ def step_hooks() -> None:
     runs_file.parent.mkdir(parents=True, exist_ok=True)
     runs_file.write_text("")
     toml = SPEC["config"].replace("hooks = []", 'hooks = [["/bin/sh", "-c", "echo ran >>/hooklog/runs; '
-                                  'sleep 3 & exit 0"]]\nmax_restarts = 1000')
+                                  'sleep 5 & exit 0"]]\nmax_restarts = 1000')
     start(NAME, config_dir("hooks", toml), "-v", f"{runs_file.parent}:/hooklog")
     wait_for(restored, 300, 0.5)
+    pid = host_pid(NAME)
     runs, orphans = 0, 0
     for i in range(20):
         unload("br_netfilter")
-        if wait_for(lambda: len(runs_file.read_text().split()) > i, 90, 0.2) is not None:  # noqa: B023
+        if wait_for(lambda: len(runs_file.read_text().split()) > i, 90, 0.1) is not None:  # noqa: B023
             runs += 1
-        # the hook's `sleep 3`, its shell gone, is now ctwatchd's child: what must be reaped
-        orphans += sum(1 for comm, _ in children(NAME) if comm == "sleep")
-    time.sleep(5)  # the last hook's sleep 3 has exited
+        # the hook's `sleep 5`, its shell gone, is ctwatchd's child for a while: what must be reaped
+        wait_for(lambda: any(comm == "sleep" for comm, _ in children(pid)), 3, 0.05)
+        orphans += sum(1 for comm, _ in children(pid) if comm == "sleep")
+    time.sleep(7)  # the last hook's sleep 5 has exited
     r["restores"], r["orphans_seen"] = runs, orphans
     r["hook_runs"] = logs(NAME)["hook_runs_ok"]
-    r["zombies"] = [c for c in children(NAME) if c[1] == "Z"]
+    r["zombies"] = [c for c in children(pid) if c[1] == "Z"]
     sh("docker", "rm", "-f", NAME)
 
 
