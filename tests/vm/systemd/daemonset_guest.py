@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from docker_guest import FAMILY, holders_first, initstate, must, sh, wait_for
+from docker_guest import FAMILY, container_pid, holders_first, initstate, must, sh, wait_for
 
 RESULTS = Path(sys.argv[1])
 IMAGE_DIR = Path("/root/image")
@@ -241,7 +241,7 @@ def step_privileged() -> None:
                            if line.startswith("ctwatchd_")})
     # SIGTERM as kubelet's runtime sends it to PID 1, timed from the kill itself: a `docker stop` adds
     # the CLI's and dockerd's own seconds under TCG (12 s of 19 in one run) to what the daemon takes.
-    pid = host_pid(NAME)
+    pid = container_pid(NAME)
     t0, wall = time.monotonic(), time.time()
     os.kill(int(pid), signal.SIGTERM)
     r["sigterm_to_exit_s"] = wait_for(lambda: not running(pid), SPEC["grace"] + 30, 0.05)
@@ -264,10 +264,6 @@ def step_cannot_tell() -> None:
            timeout=300)
     codes = dict(line.split("=", 1) for line in p.stdout.split() if "=" in line)
     r["check_rc"], r["liveness_rc"] = int(codes.get("check", -1)), int(codes.get("liveness", -1))
-
-
-def host_pid(name: str) -> str:
-    return sh("docker", "inspect", "-f", "{{.State.Pid}}", name).stdout.strip()
 
 
 def children(pid: str) -> list[tuple[str, str]]:
@@ -299,7 +295,7 @@ def step_hooks() -> None:
                                   'sleep 5 & exit 0"]]\nmax_restarts = 1000')
     start(NAME, config_dir("hooks", toml), "-v", f"{runs_file.parent}:/hooklog")
     wait_for(restored, 300, 0.5)
-    pid = host_pid(NAME)
+    pid = container_pid(NAME)
     runs, orphans = 0, 0
     for i in range(20):
         unload("br_netfilter")
