@@ -51,7 +51,11 @@ debian_mirror() {
         awk '/^URIs:/ {print $2; exit}' "$f"
         return
     done
-    [[ -e /etc/apt/sources.list ]] && awk '$1 == "deb" && $2 !~ /^\[/ {print $2; exit}' /etc/apt/sources.list
+    # No apt sources at all: print nothing and succeed, so the caller's "no mirror" message is what
+    # the user sees (a failing $(...) under set -e would end the script without a word).
+    if [[ -e /etc/apt/sources.list ]]; then
+        awk '$1 == "deb" && $2 !~ /^\[/ {print $2; exit}' /etc/apt/sources.list
+    fi
 }
 
 # debootstrap, installed from apt when missing (a fresh CI machine has none; the callers are root).
