@@ -78,6 +78,13 @@ def test_checks_last_line_names_every_problem_within_256_characters(loaded: Fake
     loaded.block("install nf_conntrack /bin/true " + "я" * 300, file="защита.conf")
     last = ctw("check", "--root", str(loaded.root), "--config", str(loaded.config())).stdout.rstrip().splitlines()[-1]
     assert len(last.encode()) <= 256 and last.endswith("…") and "nf_conntrack blocked by" in last, last
+    # ... also when it is short in characters but long in bytes: br_netfilter back, so the whole line is
+    # under 256 characters yet over 256 bytes, and only a byte count cuts it
+    (loaded.root / "etc/modprobe.d/защита.conf").unlink()
+    loaded.load("br_netfilter")
+    loaded.block("install nf_conntrack /bin/true " + "я" * 80, file="защита.conf")
+    last = ctw("check", "--root", str(loaded.root), "--config", str(loaded.config())).stdout.rstrip().splitlines()[-1]
+    assert len(last.encode()) <= 256 and last.endswith("…"), (len(last), len(last.encode()))
 
 
 def test_check_builtin_kernel_is_healthy(tmp_path: Path) -> None:
