@@ -84,6 +84,8 @@ class Config:
     attribution: bool = True  # name who removed a watched module (audit records via journalctl, /proc)
     journalctl: str | None = None  # None: the first of /usr/bin/journalctl, /bin/journalctl
     metrics_textfile: Path | None = None
+    hold: bool = True  # keep nf_conntrack and nf_nat loaded with an nftables owner table (hold.py)
+    hold_masquerade: bool = True  # also nft_masq, while it is loaded
 
     @property
     def sysctl_map(self) -> dict[str, str]:
@@ -297,9 +299,18 @@ def _metrics(path: Path | None, table: object) -> dict[str, Any]:
     return {"metrics_textfile": Path(_absolute_exe(r.where("textfile"), textfile)) if textfile else None}
 
 
+def _hold(path: Path | None, table: object) -> dict[str, Any]:
+    r = _Reader(path, "hold", table)
+    out = {"hold": r.take("enabled", bool, DEFAULTS.hold),
+           "hold_masquerade": r.take("masquerade", bool, DEFAULTS.hold_masquerade)}
+    r.done()
+    return out
+
+
 DEFAULTS = Config()
 _SECTIONS: dict[str, Callable[[Path | None, object], dict[str, Any]]] = {
-    "watch": _watch, "sysctl": _sysctl, "restore": _restore, "daemon": _daemon, "metrics": _metrics,
+    "watch": _watch, "sysctl": _sysctl, "restore": _restore, "hold": _hold, "daemon": _daemon,
+    "metrics": _metrics,
 }
 
 

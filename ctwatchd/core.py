@@ -17,8 +17,11 @@ from ctwatchd.model import (
     CANONICAL_ORDER,
     CONNTRACK,
     CONNTRACK_IPV4,
+    HOLD_TABLE,
     NAT,
     NAT_IPV4,
+    HoldSpec,
+    HoldView,
     KernelFacts,
     ModuleEvidence,
     ModuleState,
@@ -502,3 +505,45 @@ def _restarts_owed(state: CoreState, result: RestoreResult) -> bool:
     if loaded and result.plan.skipped_restarts:
         return True  # the breaker held them back
     return state.restarts_owed
+
+
+def hold_target(cfg: Config, obs: Observation, held: HoldSpec, *, masq_loaded: bool) -> HoldSpec:
+    """What the hold's table should contain: each watched module that is loaded from disk, or held
+    already. A module's passing state never shrinks it (a lost hold is re-created after the restore
+    that brought the module back); only the configuration does."""
+    if not cfg.hold:
+        return HoldSpec()
+
+    def wanted(name: str, is_held: bool) -> bool:
+        st = obs.modules.get(name)
+        return name in cfg.modules and (is_held or (st is not None and st.state is ModuleState.LIVE))
+
+    nat = wanted(NAT, held.nat)
+    return HoldSpec(wanted(CONNTRACK, held.conntrack), nat,
+                    nat and cfg.hold_masquerade and (masq_loaded or held.masquerade))
+
+
+def hold_rows(cfg: Config, obs: Observation, watched: Sequence[str], view: HoldView | None) -> dict[str, str]:
+    """`check`'s hold column: per watched module, held, not held and why, or cannot be held."""
+    out: dict[str, str] = {}
+    held = view.spec.modules if view is not None else ()
+    for name in watched:
+        st = obs.modules.get(name)
+        if st is not None and st.state is ModuleState.BUILTIN:
+            out[name] = "built in: cannot be unloaded"
+        elif name not in (CONNTRACK, NAT):
+            out[name] = "cannot be held (nothing in nftables or iptables takes a reference on it)"
+        elif name in held:
+            out[name] = f"held by ctwatchd (nft table {HOLD_TABLE})"
+        elif not cfg.hold:
+            out[name] = "not held: [hold] enabled = false"
+        elif view is None:
+            out[name] = "not held: unknown (the hold is read only on the running host)"
+        elif view.error:
+            out[name] = f"not held: unknown ({view.error})"
+        elif not view.exists:
+            out[name] = (f"not held: no table {HOLD_TABLE} (ctwatchd is not running, or cannot hold here: "
+                         "its status says why)")
+        else:
+            out[name] = f"not held: table {HOLD_TABLE} does not hold it"
+    return out

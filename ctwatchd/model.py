@@ -263,3 +263,60 @@ class RestoreResult:
 
     def ran(self, kind: StepKind) -> bool:
         return any(r.step.kind is kind and r.outcome is Outcome.OK for r in self.results)
+
+
+# -- the hold: an nftables table owned by the daemon keeps modules loaded (hold.py) ------------------
+NFT_CHAIN_NAT = "nft_chain_nat"
+NFT_CT = "nft_ct"
+NFT_MASQ = "nft_masq"
+HOLD_TABLE = "ip ctwatchd"
+
+
+@dataclass(frozen=True)
+class HoldSpec:
+    """What the hold's table contains, each piece holding modules loaded while the table exists."""
+
+    conntrack: bool = False  # a `notrack` rule in a regular chain: nft_ct -> nf_conntrack
+    nat: bool = False  # a dormant `type nat hook postrouting` chain: nft_chain_nat -> nf_nat -> nf_conntrack
+    masquerade: bool = False  # a `masquerade` rule in that chain: nft_masq (its unload flushes masqueraded flows)
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """The modules this table keeps loaded, bases first."""
+        out: list[str] = []
+        if self.conntrack or self.nat:
+            out.append(CONNTRACK)
+        if self.nat:
+            out += [NAT, NFT_CHAIN_NAT]
+        if self.conntrack:
+            out.append(NFT_CT)
+        if self.masquerade:
+            out.append(NFT_MASQ)
+        return tuple(out)
+
+    def __bool__(self) -> bool:
+        return self.conntrack or self.nat
+
+    def __or__(self, other: HoldSpec) -> HoldSpec:
+        return HoldSpec(self.conntrack or other.conntrack, self.nat or other.nat,
+                        self.masquerade or other.masquerade)
+
+
+@dataclass(frozen=True)
+class HoldView:
+    """The hold as the kernel shows it to anyone who asks (`check`): table flags, chains, rules."""
+
+    exists: bool
+    owner_flag: bool = False
+    dormant: bool = False
+    owner: int | None = None  # the owning netlink socket's port id (the daemon's pid, normally)
+    chain_types: tuple[str, ...] = ()  # the type of each base chain ("nat")
+    expressions: tuple[str, ...] = ()  # the expression names of every rule ("notrack", "masq")
+    error: str | None = None  # why it could not be read (not root, no nf_tables)
+
+    @property
+    def spec(self) -> HoldSpec:
+        if not (self.exists and self.owner_flag):
+            return HoldSpec()  # a table anyone can delete holds nothing for long
+        nat = "nat" in self.chain_types
+        return HoldSpec("notrack" in self.expressions, nat, nat and "masq" in self.expressions)

@@ -106,7 +106,7 @@ def test_every_restore_key_is_read(tmp_path: Path) -> None:
      "not 'nf_nat; reboot'."),
     ("[watch]\nfoo = 1\nbar = 2\n", "FILE: [watch] has unknown key(s): bar, foo."),
     ("foo = 1\nbar = 2\n",
-     "FILE: unknown section or key(s): bar, foo (known sections: daemon, metrics, restore, sysctl, watch)."),
+     "FILE: unknown section or key(s): bar, foo (known sections: daemon, hold, metrics, restore, sysctl, watch)."),
     ("[restore]\nhooks = ['/bin/true']\n",
      "FILE: [restore] hooks[0] must be a non-empty array of strings (an argv list), not '/bin/true'."),
     ('[restore]\nhooks = [["/bin/echo", "a\\u0000b"]]\n', "FILE: [restore] hooks[0] contains a NUL character."),
@@ -136,11 +136,11 @@ def test_unknown_names_are_shown_capped_and_escaped(tmp_path: Path) -> None:
     long_name = "x" * 500
     assert error(tmp_path, f"{long_name} = 1\n") == \
         f"FILE: unknown section or key(s): {'x' * 80}… (420 more characters) " \
-        "(known sections: daemon, metrics, restore, sysctl, watch)."
+        "(known sections: daemon, hold, metrics, restore, sysctl, watch)."
     weird = "\\u001b" + "y" * 500
     assert error(tmp_path, f'"{weird}" = 1\n') == \
         f"FILE: unknown section or key(s): '\\x1b{'y' * 75}… (426 more characters) " \
-        "(known sections: daemon, metrics, restore, sysctl, watch)."
+        "(known sections: daemon, hold, metrics, restore, sysctl, watch)."
 
 
 def test_a_document_without_a_file_is_named_as_such() -> None:
