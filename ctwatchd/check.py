@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from ctwatchd.config import Config, DockerMode
 from ctwatchd.docker import DockerProbe
 from ctwatchd.executor import systemctl_path
 from ctwatchd.kernel import KernelProbe
-from ctwatchd.model import clean
+from ctwatchd.model import HOLD_TABLE, HoldView, clean
 from ctwatchd.runner import Runner
 from ctwatchd.verdict import Inspector, Look, Resumed
 
@@ -33,6 +34,8 @@ class Report:
     errors: tuple[str, ...]  # reasons we cannot tell
     desired: tuple[tuple[str, str], ...] = ()
     notes: tuple[str, ...] = ()  # worth knowing, not a problem: unreadable tree files, blacklist rules
+    hold: HoldView | None = None  # the kernel's view of the hold; None when not read (another --root)
+    holds: dict[str, str] | None = None  # per watched module: held, not held and why, cannot be held
 
     @property
     def exit_code(self) -> int:
@@ -51,9 +54,14 @@ class Report:
             "kernel": obs.release,
             "modules": [
                 {"name": n, "state": obs.modules[n].state.value, "detail": obs.modules[n].detail,
-                 "blocker": obs.modules[n].blocker, "note": obs.modules[n].note, "guard": obs.modules[n].guard}
+                 "blocker": obs.modules[n].blocker, "note": obs.modules[n].note, "guard": obs.modules[n].guard,
+                 "hold": (self.holds or {}).get(n)}
                 for n in self.look.watched
             ],
+            "hold": None if self.hold is None else {
+                "table": HOLD_TABLE, "exists": self.hold.exists, "owner_flag": self.hold.owner_flag,
+                "dormant": self.hold.dormant, "owner_port": self.hold.owner,
+                "held": list(self.hold.spec.modules), "error": self.hold.error},
             "conntrack_count": obs.conntrack_count,
             "sysctls": dict(obs.sysctls),
             "problems": list(self.look.decision.health.problems),
@@ -120,7 +128,9 @@ def daemon_state(cfg: Config, probe: KernelProbe, resumed: Resumed, now: float) 
     return out
 
 
-def run_check(cfg: Config, root: Path = Path("/")) -> Report:
+def run_check(cfg: Config, root: Path = Path("/"),
+              read_hold: Callable[[], HoldView] | None = None) -> Report:
+    """`read_hold` asks the kernel for the hold's table; None (another --root) leaves it unread."""
     probe = KernelProbe(root)
     errors = [f"{p} is not readable; is /sys or /proc mounted?"
               for p in (root / "sys/module", root / "proc/sys/kernel") if not p.is_dir()]
@@ -132,8 +142,10 @@ def run_check(cfg: Config, root: Path = Path("/")) -> Report:
     notes += [f"{n}: {s.note}" for n, s in look.observation.modules.items() if s.note and n in look.watched]
     if (firewalld := protect.firewalld_note(root)) is not None:
         notes.append(firewalld)
+    view = read_hold() if read_hold is not None and cfg.hold else None
     return Report(look, docker_view(cfg, root), daemon_state(cfg, probe, resumed, now), tuple(errors),
-                  cfg.sysctls, tuple(dict.fromkeys(notes)))
+                  cfg.sysctls, tuple(dict.fromkeys(notes)), view,
+                  core.hold_rows(cfg, look.observation, look.watched, view))
 
 
 def format_table(report: Report) -> str:
@@ -156,6 +168,9 @@ def format_table(report: Report) -> str:
         lines += ["", f"unload guard: modprobe -r refused for {', '.join(guarded)} ({'; '.join(sorted(where))})"]
     else:
         lines += ["", "unload guard: none (`ctwatchd protect` makes modprobe -r of the watched modules fail)"]
+    lines += ["", f"{'HOLD':<20} (rmmod and modprobe -r of a held module fail while ctwatchd runs)"]
+    for name, text in (report.holds or {}).items():
+        lines.append(f"{name:<20} {text}")
     lines += ["", f"docker.service: {_docker_line(report.docker)}"]
     if report.docker.get("warning"):
         lines.append(f"warning: {report.docker['warning']}")

@@ -85,10 +85,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         monitor_factory = KernelMonitor
         if (args.root / "run/udev/control").exists():  # udevd runs here (not in a container, say)
             udev_factory = partial(KernelMonitor, source="udev")
+    from ctwatchd.hold import Hold
+
     try:
         daemon = Daemon(cfg, probe=KernelProbe(args.root), log=audit.get_logger(),
                         reload_config=lambda: configmod.load(args.config), monitor_factory=monitor_factory,
-                        udev_factory=udev_factory, on_log_format=lambda c: audit.configure(c.log_format))
+                        udev_factory=udev_factory, on_log_format=lambda c: audit.configure(c.log_format),
+                        hold=Hold())
     except MetricsUnavailable as exc:
         print(f"ctwatchd: {cfg.path or 'configuration'}: {exc}", file=sys.stderr)
         Notifier().status(f"configuration error: {exc}")
@@ -106,13 +109,15 @@ def _load_config(path: Path | None) -> configmod.Config | None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from ctwatchd import hold
     from ctwatchd.check import UNKNOWN, format_json, format_table, run_check
 
     cfg = _load_config(args.config)
     if cfg is None:
         return UNKNOWN
     try:
-        report = run_check(cfg, args.root)
+        # The hold lives in the kernel, not in a tree: read it only when looking at this host.
+        report = run_check(cfg, args.root, hold.look if args.root == Path("/") else None)
     except Exception as exc:  # "cannot tell" (2), never "degraded" (1): see ctwatchd(8)
         print(f"ctwatchd: cannot tell: {type(exc).__name__}: {clean(str(exc))}", file=sys.stderr)
         return UNKNOWN

@@ -21,9 +21,10 @@ from ctwatchd.attribution import JOURNAL_TIMEOUT, Attributor, journal_argv
 from ctwatchd.config import JOURNALCTL_PATHS, Config, ConfigError
 from ctwatchd.core import CoreState
 from ctwatchd.executor import Executor
+from ctwatchd.hold import Hold
 from ctwatchd.kernel import KernelProbe
 from ctwatchd.metrics import Metrics, MetricsUnavailable
-from ctwatchd.model import AuditLog, Observation, clean
+from ctwatchd.model import NFT_MASQ, AuditLog, Observation, clean
 from ctwatchd.notify import Notifier, watchdog_interval
 from ctwatchd.persist import StateKeeper
 from ctwatchd.report import Reporter
@@ -48,8 +49,10 @@ class Daemon:
                  notifier: Notifier | None = None,
                  env: dict[str, str] | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 on_log_format: Callable[[Config], object] | None = None) -> None:
+                 on_log_format: Callable[[Config], object] | None = None,
+                 hold: Hold | None = None) -> None:
         self.cfg = cfg
+        self.hold = hold  # None: no nftables hold (tests, and where the caller has none to offer)
         self.probe = probe
         self.log = log
         self.reload_config = reload_config
@@ -154,6 +157,8 @@ class Daemon:
             if self.hint or now >= self.next_poll or (self.wake_at is not None and now >= self.wake_at):
                 self.reconcile()
             self._attribute()
+        if self.hold is not None:  # said before it happens: closing the socket deletes the table
+            self.reporter.hold(self.hold.release())
         self.keeper.save(self.state, self.last_status, stopped=True)
         self.notifier.stopping()
         self.log.info("daemon.stopping", signal=signal.Signals(self.stop_signal).name)
@@ -198,6 +203,8 @@ class Daemon:
                 self.on_log_format(new)
             self.inspector.refresh()
             self.executor = self._executor()
+            if self.hold is not None:
+                self.hold.reset()
             if (new.attribution, new.journalctl) != (old.attribution, old.journalctl):
                 self.attributor = self._attributor()
             self.next_poll = 0.0
@@ -285,10 +292,12 @@ class Daemon:
         self.observation = look.observation
         self.watched = look.watched
         self.reporter.look(self.cfg, look)
-        self.keeper.save(self.state, self.last_status)
         plan = decision.plan
         if not plan:
+            self._keep_hold(look.observation)
+            self.keeper.save(self.state, self.last_status)
             return
+        self.keeper.save(self.state, self.last_status)
         self.log.info("restore.planned", reason=plan.reason, plan="; ".join(s.describe() for s in plan.steps),
                       modules=" ".join(plan.modules) or None, monotonic=round(now, 6),
                       restarts_skipped=plan.skipped_restarts or None)
@@ -297,10 +306,26 @@ class Daemon:
         retry_in = round(self.state.retry_at - self.clock(), 2) if self.state.retry_at else None
         self.reporter.restored(result, self.state, retry_in=retry_in)
         self.state = replace(self.state, dropped=())
+        self._keep_hold(look.observation)  # after the restore: re-creating a lost hold needs the modules back
         self.keeper.save(self.state, self.last_status)
         self.hint = "verify"  # read the kernel again now: confirm, and catch what changed meanwhile
         if self.signals.stop_requested():
             self.hint = None
+
+    def _keep_hold(self, obs: Observation) -> None:
+        """Verify the hold, and make, re-make, grow or drop it to what the configuration and the
+        loaded modules ask for. A courtesy beside the repair: its failure is told, never raised."""
+        if self.hold is None:
+            return
+        try:
+            want = core.hold_target(self.cfg, obs, self.hold.held,
+                                    masq_loaded=self.probe.initstate(NFT_MASQ) == "live")
+            change = self.hold.ensure(want)
+        except Exception as exc:  # a netlink surprise must not cost the repair
+            self.log.error("daemon.internal_error", detail=f"{type(exc).__name__}: {clean(str(exc))}",
+                           location="hold", retry_in=self.cfg.poll_interval)
+            return
+        self.reporter.hold(change)
 
     def _resume(self) -> None:
         resumed = self.inspector.resume(self.cfg, self.clock())

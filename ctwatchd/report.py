@@ -6,8 +6,9 @@ from __future__ import annotations
 from ctwatchd import core
 from ctwatchd.attribution import Culprit
 from ctwatchd.config import Config
+from ctwatchd.hold import HoldChange
 from ctwatchd.metrics import Metrics
-from ctwatchd.model import AuditLog, ModuleState, Observation, RestoreResult, clean
+from ctwatchd.model import HOLD_TABLE, AuditLog, ModuleState, Observation, RestoreResult, clean
 from ctwatchd.notify import Notifier
 from ctwatchd.verdict import Look
 
@@ -24,6 +25,8 @@ class Reporter:
         self.notes: set[str] = set()
         self.conflicts: set[str] = set()
         self.breaker = False
+        self.held = ""  # the hold's part of STATUS=
+        self._hold_said: tuple[str, str | None] | None = None
         self._metrics_error: str | None = None
 
     def look(self, cfg: Config, look: Look) -> None:
@@ -64,8 +67,25 @@ class Reporter:
         self._send_status()
         self._write_metrics(obs, look.watched, health)
 
+    def hold(self, change: HoldChange) -> None:
+        """One record per change of the hold; a refusal repeated by each retry is said once."""
+        modules = " ".join(change.held.modules)
+        if change.held:
+            self.held = f"held: {modules}"
+        elif change.reason and change.reason != "released":
+            self.held = f"not held: {change.reason}"
+        else:
+            self.held = ""
+        if change.event is not None and (change.event, change.reason) != self._hold_said:
+            self._hold_said = (change.event, change.reason)
+            warn = change.event in ("hold.lost", "hold.unavailable")
+            (self.log.warning if warn else self.log.info)(
+                change.event, table=HOLD_TABLE, held=modules or None, reason=change.reason)
+        self._send_status()
+
     def _send_status(self) -> None:
-        status = clean(self.health + (f"; last removal: {self.removal}" if self.removal else ""), 400)
+        parts = [self.health, self.held, f"last removal: {self.removal}" if self.removal else ""]
+        status = clean("; ".join(p for p in parts if p), 400)
         if status != self.status:
             self.status = status
             self.notifier.status(status)

@@ -458,7 +458,7 @@ def test_unexpected_exception_in_check_is_exit_2(loaded: FakeHost, monkeypatch: 
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """Anything check did not foresee is exit 2 (cannot tell), with a one-line reason, never 1 (degraded)."""
 
-    def boom(cfg: Config, root: Path = Path("/")) -> ctwatchd.check.Report:
+    def boom(cfg: Config, root: Path = Path("/"), read_hold: object = None) -> ctwatchd.check.Report:
         raise RuntimeError("surprise\x1b[2J")
 
     monkeypatch.setattr(ctwatchd.check, "run_check", boom)
