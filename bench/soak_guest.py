@@ -117,7 +117,8 @@ def main() -> int:
     cfg = results / "ctwatchd.toml"
     cfg.write_text("[watch]\npoll_interval = 5.0\n[sysctl]\n"
                    + "".join(f'"{k}" = "{v}"\n' for k, v in SYSCTLS.items())
-                   + f'[daemon]\nstate_file = "{results}/state.json"\nlog_format = "json"\n')
+                   + f'[daemon]\nstate_file = "{results}/state.json"\nlog_format = "json"\n'
+                   + "[hold]\nenabled = false\n")  # the soak unloads the family: the repair is what it soaks
     cfg.chmod(0o644)
     out: dict[str, Any] = {"uname": os.uname().release, "seconds": args.seconds, "cycles": [],
                            "usage_samples": [], "miss_after_s": MISS_AFTER}

@@ -84,6 +84,16 @@ EVENTS: dict[str, EventType] = {
                                  "docker ({mode}): restart={restart}: {reason}"),
     "module.removed": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b1d",
                                 "module {module} was removed by {culprit}"),
+    "hold.acquired": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b1e",
+                               "nft table {table} holds {held} loaded: rmmod and modprobe -r of them fail "
+                               "while ctwatchd runs"),
+    "hold.changed": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b1f", "nft table {table} now holds {held}"),
+    "hold.lost": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b20", "the hold (nft table {table}) was lost: {reason}"),
+    "hold.unavailable": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b21",
+                                  "cannot hold modules with nft table {table}: {reason}; repairing unloads "
+                                  "instead"),
+    "hold.released": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b22",
+                               "nft table {table} released: the modules it held can be unloaded again"),
     "daemon.internal_error": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b1a",
                                        "internal error at {location}: {detail}; next look in {retry_in} s"),
 }

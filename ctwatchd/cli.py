@@ -212,7 +212,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
         print(f"ctwatchd: {exc}", file=sys.stderr)
         return 1
     print(f"{'wrote' if changed else 'already in place:'} {shown}: modprobe -r of {', '.join(modules)} now fails. "
-          "rmmod reads no modprobe.d; ctwatchd restores what it removes.")
+          "rmmod reads no modprobe.d: while `ctwatchd run` runs, its hold refuses rmmod of nf_conntrack and "
+          "nf_nat, and it restores what goes anyway.")
     if (firewalld := protect.firewalld_note(args.root)) is not None:
         print(f"note: {firewalld}")
     return 0

@@ -507,6 +507,9 @@ def _restarts_owed(state: CoreState, result: RestoreResult) -> bool:
     return state.restarts_owed
 
 
+OWNER_TABLES = (5, 12)  # NFT_TABLE_F_OWNER: the kernel's promise that only the hold's socket can drop it
+
+
 def hold_target(cfg: Config, obs: Observation, held: HoldSpec, *, masq_loaded: bool) -> HoldSpec:
     """What the hold's table should contain: each watched module that is loaded from disk, or held
     already. A module's passing state never shrinks it (a lost hold is re-created after the restore
@@ -537,6 +540,9 @@ def hold_rows(cfg: Config, obs: Observation, watched: Sequence[str], view: HoldV
             out[name] = f"held by ctwatchd (nft table {HOLD_TABLE})"
         elif not cfg.hold:
             out[name] = "not held: [hold] enabled = false"
+        elif kernel_version(obs.release) < OWNER_TABLES:
+            out[name] = (f"not held: Linux {obs.release} has no nftables owner tables (5.12 and newer do); "
+                         "an unload is repaired instead")
         elif view is None:
             out[name] = "not held: unknown (the hold is read only on the running host)"
         elif view.error:

@@ -13,7 +13,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ctwatchd.files import replace_atomically
-from ctwatchd.model import ModuleState, Observation, RestoreResult, StepKind
+from ctwatchd.model import HoldSpec, ModuleState, Observation, RestoreResult, StepKind
+
+HOLDABLE = HoldSpec(conntrack=True, nat=True, masquerade=True).modules
 
 REMOVAL_UNITS = 16  # distinct unit labels; later ones count as "other" (a bounded label set)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -55,6 +57,9 @@ class Metrics:
                                      "(unknown when not attributed) and how it was attributed.",
                                      ["unit", "attribution"], registry=r)
         self._units: set[str] = set()
+        self.held = prom.Gauge("ctwatchd_module_held",
+                               "1 while ctwatchd's nftables table holds the module loaded (rmmod fails).",
+                               ["module"], registry=r)
         self.last_check = prom.Gauge("ctwatchd_last_check_timestamp_seconds",
                                      "Unix time of the last completed check.", registry=r)
         self.last_ok = prom.Gauge("ctwatchd_last_healthy_timestamp_seconds",
@@ -75,6 +80,12 @@ class Metrics:
         self.last_check.set(now)
         if healthy:
             self.last_ok.set(now)
+
+    def hold(self, held: Iterable[str]) -> None:
+        """The modules the hold keeps loaded now; those it held before and no longer read 0."""
+        now = set(held)
+        for name in now | set(HOLDABLE):
+            self.held.labels(name).set(1 if name in now else 0)
 
     def removal(self, unit: str | None, how: str) -> None:
         label = unit or "unknown"

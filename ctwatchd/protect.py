@@ -102,5 +102,6 @@ def firewalld_note(root: Path) -> str | None:
     if where is None:
         return None
     return (f"{where} sets CleanupModulesOnExit=yes: stopping firewalld unloads the conntrack family with "
-            "rmmod, which no modprobe.d guard refuses; ctwatchd restores it after the fact "
-            "(CleanupModulesOnExit=no keeps it loaded)")
+            "rmmod, which no modprobe.d guard refuses; the daemon's hold makes it fail for nf_conntrack and "
+            "nf_nat while it runs (Linux 5.12+) and ctwatchd restores what goes (CleanupModulesOnExit=no keeps "
+            "it all loaded)")

@@ -81,6 +81,8 @@ class Reporter:
             warn = change.event in ("hold.lost", "hold.unavailable")
             (self.log.warning if warn else self.log.info)(
                 change.event, table=HOLD_TABLE, held=modules or None, reason=change.reason)
+        if self.metrics is not None:
+            self.metrics.hold(change.held.modules)
         self._send_status()
 
     def _send_status(self) -> None:

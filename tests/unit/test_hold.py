@@ -20,8 +20,10 @@ from fakehost import FakeHost
 from fakenft import FakeNfTables, ack
 from harness import Harness, cfg_for, events
 from prereq import need
+from structlog.testing import capture_logs
 
 from ctwatchd import core, hold, nftnl
+from ctwatchd.audit import get_logger
 from ctwatchd.config import ConfigError, parse
 from ctwatchd.model import HoldSpec, HoldView, ModuleState, ModuleStatus, Observation
 from ctwatchd.nftnl import NetlinkError
@@ -278,6 +280,12 @@ def test_check_rows_say_held_not_held_and_why_or_cannot() -> None:
     off = parse({"hold": {"enabled": False}})
     assert core.hold_rows(off, obs, ("nf_nat",), HoldView(False))["nf_nat"] == "not held: [hold] enabled = false"
     assert core.hold_rows(cfg, _obs(nf_nat=B), ("nf_nat",), None)["nf_nat"] == "built in: cannot be unloaded"
+    old = Observation("5.10.0-32-amd64", {"nf_nat": ModuleStatus("nf_nat", L)}, {}, 0)
+    assert core.hold_rows(cfg, old, ("nf_nat",), HoldView(False))["nf_nat"] == (
+        "not held: Linux 5.10.0-32-amd64 has no nftables owner tables (5.12 and newer do); "
+        "an unload is repaired instead")
+    held_anyway = HoldView(True, True, True, 1, ("nat",), ())  # a backport: the kernel's answer wins
+    assert core.hold_rows(cfg, old, ("nf_nat",), held_anyway)["nf_nat"].startswith("held by ctwatchd")
 
 
 @pytest.mark.parametrize(("table", "message"), [
@@ -458,3 +466,25 @@ def test_real_kernel_check_reads_the_hold_of_the_running_host(tmp_path: Path) ->
         want = "built in: cannot be unloaded" if on_this_host[name] == "built-in" else \
             "held by ctwatchd (nft table ip ctwatchd)"
         assert holds[name] == want
+
+
+def test_metrics_say_which_modules_are_held(tmp_path: Path) -> None:
+    """ctwatchd_module_held{module} is 1 for each held module and back to 0 once released."""
+    from ctwatchd.metrics import Metrics
+    from ctwatchd.notify import Notifier
+    from ctwatchd.report import Reporter
+
+    metrics = Metrics(tmp_path / "m.prom")
+    reporter = Reporter(get_logger(), Notifier(), metrics)
+    with capture_logs():
+        reporter.hold(hold.HoldChange("hold.acquired", FULL))
+    metrics.write()
+    text = (tmp_path / "m.prom").read_text()
+    assert 'ctwatchd_module_held{module="nf_nat"} 1.0' in text
+    assert 'ctwatchd_module_held{module="nft_masq"} 0.0' in text
+    with capture_logs() as logs:
+        reporter.hold(hold.HoldChange("hold.released", HoldSpec(), "released"))
+        reporter.hold(hold.HoldChange("hold.released", HoldSpec(), "released"))
+    metrics.write()
+    assert 'ctwatchd_module_held{module="nf_nat"} 0.0' in (tmp_path / "m.prom").read_text()
+    assert [e["event"] for e in logs] == ["hold.released"]  # said once
