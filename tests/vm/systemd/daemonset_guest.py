@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,21 @@ def config_dir(name: str, toml: str) -> Path:
         if not (d / link).is_symlink():
             (d / link).symlink_to(target)
     return d
+
+
+def hold_off(toml: str) -> str:
+    """The ConfigMap's config with `[hold] enabled = false`, for the steps that unload nf_conntrack or
+    nf_nat on the host: the hold (on by default) would refuse that. A [hold] table the ConfigMap has
+    already is kept (one header per table in TOML), with its `enabled` line replaced."""
+    head, sep, rest = toml.partition("\n[hold]\n")
+    if not sep:
+        text = toml.rstrip("\n") + "\n\n[hold]\nenabled = false\n"
+    else:
+        body, nxt, tail = rest.partition("\n[")
+        body = "\n".join(line for line in body.split("\n") if not line.replace(" ", "").startswith("enabled="))
+        text = f"{head}\n[hold]\nenabled = false\n{body}{nxt}{tail}"
+    assert tomllib.loads(text)["hold"]["enabled"] is False, text
+    return text
 
 
 def run_args(config: Path, *, privileged: bool = True) -> list[str]:
@@ -192,7 +208,7 @@ def step_build() -> None:
 def step_privileged() -> None:
     """Start with the family unloaded; the container loads it; host rmmods; SIGTERM."""
     r: dict[str, Any] = out.setdefault("privileged", {})
-    config = config_dir("config", SPEC["config"])
+    config = config_dir("config", hold_off(SPEC["config"]))
     # docker's rules hold xt_*/nft_* modules on the family; with them flushed it can be unloaded (the
     # later steps need no docker networking: the pod uses the host's network, the build none).
     for argv in (["iptables", "-t", "nat", "-F"], ["iptables", "-t", "nat", "-X"], ["iptables", "-F"],
@@ -322,7 +338,7 @@ def step_unprivileged() -> None:
     r: dict[str, Any] = out.setdefault("unprivileged", {})
     tuned = Path("/proc/sys/net/netfilter/nf_conntrack_max")
     tuned.write_text("131072\n")
-    start(NAME, config_dir("config", SPEC["config"]), privileged=False)
+    start(NAME, config_dir("config", hold_off(SPEC["config"])), privileged=False)
     r["ready_s"] = wait_for(lambda: ready(NAME), 300, 1.0)
     time.sleep(6)  # a poll: the tuned value is in its snapshot
     r["rmmod"] = unload("br_netfilter")

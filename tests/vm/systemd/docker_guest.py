@@ -217,11 +217,32 @@ def scenario_isolation() -> None:
 
 def scenario_firewall_cleanup() -> None:
     """2. A firewall clean-up: ruleset flushed, the conntrack family unloaded holders first, in one go."""
-    r: dict[str, Any] = out.setdefault("cleanup", {})
+    firewall_cleanup(out.setdefault("cleanup", {}))
+
+
+def scenario_cleanup_with_the_hold() -> None:
+    """2b. The same clean-up with the hold on: nf_conntrack and nf_nat refuse to go, so only
+    br_netfilter (and what nothing holds) is unloaded and the conntrack entries stay."""
+    r: dict[str, Any] = out.setdefault("cleanup_hold", {})
+    base = Path("/etc/ctwatchd/ctwatchd.toml").read_text()
+    since = now_stamp()
+    reload_config(base.replace("enabled = false", "enabled = true"))
+    r["held_after_s"] = wait_for(lambda: bool(journal("hold.acquired", since)), 60, 0.5)
+    r["held"] = [e.get("CTWATCHD_HELD") for e in journal("hold.acquired", since)]
+    try:
+        firewall_cleanup(r)
+    finally:
+        reload_config(base)
+        r["released"] = wait_for(lambda: "table ip ctwatchd" not in sh("nft", "list", "tables").stdout, 60, 0.5)
+
+
+def firewall_cleanup(r: dict[str, Any]) -> None:
     url = f"http://{GATEWAY}:{PUBLISHED}/"
     r["before_host"] = fetch_from(None, url)
     r["before_container"] = fetch_from("client", url)
     web0, docker0 = container_pid("web"), docker_pid()
+    instances = {m: _instance(m) for m in FAMILY}
+    r["count_before"] = _read("/proc/sys/net/netfilter/nf_conntrack_count")
     since = now_stamp()
     with held():
         for argv in (["iptables", "-t", "nat", "-F"], ["iptables", "-t", "nat", "-X"], ["iptables", "-F"],
@@ -245,7 +266,23 @@ def scenario_firewall_cleanup() -> None:
     r["decisions"] = [{k: e.get(f"CTWATCHD_{k.upper()}") for k in ("mode", "restart", "reason")}
                       for e in journal("docker.decision", since)]
     r["live"] = {m: initstate(m) for m in FAMILY}
+    r["same_instance"] = {m: _instance(m) == instances[m] for m in FAMILY}
+    r["count_after"] = _read("/proc/sys/net/netfilter/nf_conntrack_count")
     r["bridge_sysctl"] = Path("/proc/sys/net/bridge/bridge-nf-call-iptables").read_text().strip()
+
+
+def _instance(module: str) -> int | None:
+    try:
+        return os.stat(f"/sys/module/{module}").st_ino
+    except OSError:
+        return None
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
 
 
 def reload_config(text: str) -> None:
@@ -322,7 +359,7 @@ def main() -> int:
     failed = 0
     for name, step in (("boot", scenario_boot_order), ("setup", setup), ("bridged", scenario_bridged),
                        ("isolation", scenario_isolation), ("cleanup", scenario_firewall_cleanup),
-                       ("modes", scenario_if_active_and_absent)):
+                       ("cleanup_hold", scenario_cleanup_with_the_hold), ("modes", scenario_if_active_and_absent)):
         t0 = time.monotonic()
         try:
             step()

@@ -24,7 +24,9 @@ import sysguest  # noqa: E402
 
 pytestmark = pytest.mark.vm
 
-CONFIG = "[watch]\npoll_interval = 2.0\n"
+# The phases unload the conntrack family (holders first, modprobe -r, firewalld's clean-up): the hold
+# (on by default) would refuse that. The guard phase's refused modprobe -r is then the guard's alone.
+CONFIG = "[watch]\npoll_interval = 2.0\n[hold]\nenabled = false\n"
 ZONE = """\
 <?xml version="1.0" encoding="utf-8"?>
 <zone>
@@ -62,7 +64,7 @@ def triggers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             link.unlink(missing_ok=True)
             link.symlink_to("/etc/systemd/system/ctwatchd.service")
             try:
-                boot = sysguest.boot_systemd(root, "python3 /root/triggers_guest.py results\n", timeout=1500,
+                boot = sysguest.boot_systemd(root, "python3 /root/triggers_guest.py results\n", timeout=1800,
                                              results=work / "results", memory="1G")
             finally:
                 link.unlink(missing_ok=True)
@@ -188,3 +190,77 @@ def test_attribution_names_the_remover_with_and_without_the_audit_rule(triggers:
         named = {k: sum(t["ATTRIBUTION"] in ("audit", "proc") for t in rnd[k]) for k in units}
         with_unit = {k: sum(t["REMOVED_BY_UNIT"] is not None for t in rnd[k]) for k in units}
         print(f"attribution {label}: process named {named}, unit named {with_unit}, of {len(rnd['job'])} each")
+
+
+def test_the_hold_refuses_every_unload_of_the_family_also_after_a_flush(triggers: dict[str, Any]) -> None:
+    """With the hold on (defaults, the shipped unit): rmmod and modprobe -r of nf_conntrack, nf_nat and the
+    modules holding them fail, another process can neither delete the table nor flush it away; nf_conntrack
+    and nf_nat stay the same modules; br_netfilter, which cannot be held, unloads and is repaired."""
+    r = phase(triggers, "hold")
+    assert r["acquired"] and "nf_conntrack nf_nat" in r["acquired"][0], r["acquired"]
+    assert "held: nf_conntrack nf_nat" in r["status"], r["status"]
+    assert "flags owner,dormant" in r["table"].replace(" ", "") or (
+        "flags dormant" in r["table"] and "owner" in r["table"]), r["table"]
+    for cmd, (rc, err) in {**r["refused"], **r["refused_after_flush"]}.items():
+        assert rc != 0, (cmd, err)
+    assert r["other_delete"][0] != 0 and "Operation not permitted" in r["other_delete"][1], r["other_delete"]
+    assert r["flush"] == 0 and r["table_after_flush"]
+    assert r["same_instances"]
+    assert r["check_holds"]["nf_conntrack"] == r["check_holds"]["nf_nat"] == "held by ctwatchd (nft table ip ctwatchd)"
+    assert r["check_holds"]["br_netfilter"].startswith("cannot be held")
+    assert r["br_rmmod"] == 0 and r["br_back_s"] is not None
+    print(f"hold: `systemctl restart` to READY {r['ready_on_s']} s with the hold, {r['ready_off_s']} s without")
+
+
+def test_firewalld_cleanup_on_stop_unloads_nothing_held(triggers: dict[str, Any]) -> None:
+    """firewalld with CleanupModulesOnExit=yes and a masquerading zone: its stop succeeds, nf_conntrack,
+    nf_nat and nft_masq (held once firewalld loaded it) are never unloaded; firewalld starts and works."""
+    r = phase(triggers, "hold")
+    assert r["firewalld_masq_held_s"] is not None, r
+    assert r["firewalld_stop"] == 0 and r["firewalld_family_kept"], r
+    assert not {"nf_conntrack", "nf_nat", "nft_masq"} & set(r["firewalld_unloaded"]), r["firewalld_unloaded"]
+    assert r["firewalld_start"] == 0 and r["firewalld_state"] == "running" and r["firewalld_table"]
+    print(f"firewalld stop with the hold: {r['firewalld_stop_s']} s, unloaded {r['firewalld_unloaded']}")
+
+
+def test_established_nat_connections_survive_a_cleanup_only_with_the_hold(triggers: dict[str, Any]) -> None:
+    """A DNAT-ed and a masqueraded TCP connection, the server sending next after a clean-up (flush,
+    holders-first unload, family and NAT rules put back): with the hold both survive and their conntrack
+    entries stay; with it off (released by a reload) both are broken, so this test can fail."""
+    r = phase(triggers, "hold")
+    on, off = r["connections_on"], r["connections_off"]
+    for c in (on, off):
+        assert c["dnat_connected"] == c["masquerade_connected"] == "connected", c
+    assert on["masq_held_after_s"] is not None, on
+    assert on["dnat"] == on["masquerade"] == "survived", on
+    assert on["same_instance"] == {"nf_conntrack": True, "nf_nat": True, "nft_masq": True}, on
+    assert r["released_on_reload_s"] is not None
+    assert off["dnat"] != "survived" and off["masquerade"] != "survived", off
+    assert not off["same_instance"]["nf_conntrack"], off
+    print(f"connections: hold on {on['dnat']}/{on['masquerade']}, conntrack entries {on['count_before']} -> "
+          f"{on['count_after']}; hold off {off['dnat']}/{off['masquerade']}, {off['count_before']} -> "
+          f"{off['count_after']}")
+
+
+def test_the_hold_goes_with_ctwatchd_and_comes_back_with_it(triggers: dict[str, Any]) -> None:
+    """systemctl stop releases the table (nf_nat then unloads normally); SIGKILL releases it at once and
+    systemd's restart makes a new one (another owner socket)."""
+    r = phase(triggers, "hold")
+    assert r["table_before_stop"] and not r["table_after_stop"]
+    assert r["rmmod_after_stop"][0] == 0 and r["nf_nat_gone_after_stop"], r["rmmod_after_stop"]
+    assert r["nf_nat_back"] and r["table_after_start"]
+    assert r["table_gone_after_kill_s"] is not None
+    assert r["reheld_after_kill_s"] is not None and r["owner_port_changed"]
+
+
+def test_the_hold_hooks_nothing_and_turns_no_conntrack_on(triggers: dict[str, Any]) -> None:
+    """No hook of the hold's in `nft list hooks` (which lists the host's hooks); in a network namespace
+    with no conntrack, the hold without a masquerade rule leaves loopback TCP untracked (count 0) and
+    hooks nothing there; with the rule (nft_masq needs conntrack) the same traffic is tracked."""
+    r = phase(triggers, "hold")
+    assert r["hooks_lines"] > 0 and r["hooks_ours"] == [], r
+    plain, masq = r["netns_plain"], r["netns_masq"]
+    assert plain["event"] == masq["event"] == "hold.acquired", r
+    assert plain["count"] == "0" and not any(x.strip() for x in plain["hooks"]), plain
+    assert masq["count"] not in (None, "0") and any("conntrack" in x for x in masq["hooks"]), masq
+    print(f"hold phase laps (s): {r['seconds']}")

@@ -25,9 +25,13 @@ import sysguest  # noqa: E402
 pytestmark = pytest.mark.vm
 REPO = HERE.parents[2]
 
+# The script unloads nf_nat and nf_conntrack: the hold (on by default) would refuse that.
 CONFIG = """\
 [watch]
 poll_interval = 2.0
+
+[hold]
+enabled = false
 """
 BROKEN = "[watch]\nmodules = ['nf_conntrack; reboot']\n"
 # The unit's WatchdogSec=30s is the shipped default; the test shortens it with a drop-in so the

@@ -282,6 +282,259 @@ def phase_firewalld() -> None:
     wait_for(lambda: live(*FAMILY), 120)
 
 
+CONF = Path("/etc/ctwatchd/ctwatchd.toml")
+HOLD_TABLE = ("ip", "ctwatchd")
+# The clean-up's victims and a router's traffic: a client netns and a server netns on veth pairs, the
+# host between them masquerading one port and DNAT-ing another (docker's two kinds of NAT).
+NAT_RULES = """table ip ctnat {
+    chain pre { type nat hook prerouting priority dstnat; iifname "vcli" tcp dport 8080 dnat to 10.77.2.2:8080; }
+    chain post { type nat hook postrouting priority srcnat; oifname "vsrv" tcp dport 9000 masquerade; }
+}
+"""
+SERVER = """
+import socket, sys, threading, time, os
+def serve(port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", port)); s.listen()
+    while True:
+        c, _ = s.accept(); threading.Thread(target=talk, args=(c, port), daemon=True).start()
+def talk(c, port):
+    c.recv(16); c.sendall(b"ok")
+    while not os.path.exists(f"/tmp/ct-send-{port}"):
+        time.sleep(0.05)
+    try:
+        c.sendall(b"after"); c.settimeout(10); got = c.recv(16)
+        res = "survived" if got == b"ack" else f"no ack: {got!r}"
+    except OSError as e:
+        res = f"broken: {type(e).__name__}"
+    open(f"/tmp/ct-server-{port}", "w").write(res)
+for p in (8080, 9000):
+    threading.Thread(target=serve, args=(p,), daemon=True).start()
+open("/tmp/ct-server-up", "w").write("up")
+time.sleep(3600)
+"""
+CLIENT = """
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+c = socket.create_connection((host, port), timeout=20); c.sendall(b"hi"); assert c.recv(16) == b"ok"
+print("connected", flush=True)
+c.settimeout(60)
+try:
+    got = c.recv(16)
+    if got == b"after":
+        c.sendall(b"ack")
+    print("survived" if got == b"after" else f"got {got!r}", flush=True)
+except OSError as e:
+    print(f"broken: {type(e).__name__}", flush=True)
+"""
+
+
+def set_hold(on: bool) -> None:
+    text = CONF.read_text()
+    CONF.write_text(text.replace(f"enabled = {str(not on).lower()}", f"enabled = {str(on).lower()}"))
+
+
+def timed_restart() -> float:
+    t0 = time.monotonic()
+    must("systemctl", "restart", "ctwatchd.service", timeout=300)
+    return round(time.monotonic() - t0, 2)
+
+
+def hold_view() -> dict[str, Any]:
+    return dict(check_json().get("hold") or {})
+
+
+def holds(*modules: str) -> bool:
+    return set(modules) <= set(hold_view().get("held") or [])
+
+
+def table_exists() -> bool:
+    return sh("nft", "list", "table", *HOLD_TABLE).returncode == 0
+
+
+def refused(attempts: list[list[str]]) -> dict[str, Any]:
+    return {" ".join(a): [(p := sh(*a)).returncode, p.stderr.strip()[-200:]] for a in attempts}
+
+
+def net_setup() -> None:
+    for ns in ("ctcli", "ctsrv"):
+        must("ip", "netns", "add", ns)
+        must("ip", "-n", ns, "link", "set", "lo", "up")
+    for ns, dev, net in (("ctcli", "vcli", "10.77.1"), ("ctsrv", "vsrv", "10.77.2")):
+        must("ip", "link", "add", dev, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        must("ip", "addr", "add", f"{net}.1/24", "dev", dev)
+        must("ip", "link", "set", dev, "up")
+        must("ip", "-n", ns, "addr", "add", f"{net}.2/24", "dev", "eth0")
+        must("ip", "-n", ns, "link", "set", "eth0", "up")
+        must("ip", "-n", ns, "route", "add", "default", "via", f"{net}.1")
+    Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+    Path("/root/ct-server.py").write_text(SERVER)
+    Path("/root/ct-client.py").write_text(CLIENT)
+    subprocess.Popen(["ip", "netns", "exec", "ctsrv", "python3", "/root/ct-server.py"],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: Path("/tmp/ct-server-up").exists(), 60, 0.1)
+
+
+def connections(label: str) -> dict[str, Any]:
+    """Two established connections, one DNAT-ed (to 10.77.1.1:8080) and one masqueraded (10.77.2.2:9000);
+    then a firewall clean-up: ruleset flushed, everything on nf_conntrack unloaded holders first, the
+    family and the NAT rules put back; then the server sends next. Survived: the client got it."""
+    r: dict[str, Any] = {}
+    for f in Path("/tmp").glob("ct-s*-*"):
+        f.unlink()
+    Path("/root/ctnat.nft").write_text(NAT_RULES)
+    must("nft", "-f", "/root/ctnat.nft")
+    clients = {}
+    for kind, (host, port) in (("dnat", ("10.77.1.1", 8080)), ("masquerade", ("10.77.2.2", 9000))):
+        proc = subprocess.Popen(["ip", "netns", "exec", "ctcli", "python3", "/root/ct-client.py", host, str(port)],
+                                stdout=subprocess.PIPE, text=True)
+        clients[kind] = proc
+        r[f"{kind}_connected"] = proc.stdout.readline().strip() if proc.stdout else None
+    if label == "hold on":  # the masquerade rule loaded nft_masq: the next look holds it too
+        r["masq_held_after_s"] = wait_for(lambda: holds("nft_masq"), 30, 0.5)
+    r["count_before"] = read("/proc/sys/net/netfilter/nf_conntrack_count")
+    before = {m: instance(m) for m in ("nf_conntrack", "nf_nat", "nft_masq")}
+    with held():
+        r["flush"] = sh("nft", "flush", "ruleset").returncode
+        victims = holders_first(("nf_conntrack",))
+        r["rmmod"] = sh("rmmod", *victims).returncode
+        r["unloaded"] = sorted(m for m in victims if initstate(m) is None)
+        sh("modprobe", "-a", "nf_conntrack", "nf_nat", "br_netfilter")
+        r["put_back"] = sh("nft", "-f", "/root/ctnat.nft").returncode
+        r["count_after"] = read("/proc/sys/net/netfilter/nf_conntrack_count")
+    r["same_instance"] = {m: instance(m) == before[m] for m in before}
+    for port in (8080, 9000):
+        Path(f"/tmp/ct-send-{port}").write_text("go")
+    for kind, proc in clients.items():
+        try:
+            outp, _ = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            outp = "timeout"
+        r[kind] = outp.strip().splitlines()[-1] if outp.strip() else "no output"
+    r["server"] = {p: read(f"/tmp/ct-server-{p}") for p in (8080, 9000)}
+    sh("nft", "delete", "table", "ip", "ctnat")
+    wait_for(lambda: live(*FAMILY) and read(BRIDGE) == "1", 60)
+    return r
+
+
+def phase_hold() -> None:
+    """The hold under the shipped unit: unloads refused, firewalld's clean-up survived, connections kept;
+    released on stop and SIGKILL, made again by the restart; hooks nothing."""
+    r: dict[str, Any] = out.setdefault("hold", {})
+    t0 = time.monotonic()
+    laps: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        laps[name] = round(time.monotonic() - t0, 1)
+
+    r["ready_off_s"] = timed_restart()
+    set_hold(True)
+    since = stamp()
+    r["ready_on_s"] = timed_restart()
+    r["acquired"] = [e.get("CTWATCHD_HELD") for e in journal("hold.acquired", since)]
+    r["status"] = prop("ctwatchd.service", "StatusText")
+    r["table"] = sh("nft", "list", "table", *HOLD_TABLE).stdout
+    r["hooks"] = sh("nft", "list", "hooks").stdout
+    c = check_json()
+    r["check_holds"] = {m["name"]: m.get("hold") for m in c.get("modules", [])}
+    r["check_hold"] = c.get("hold")
+    # 1. the unloads the clean-ups use all fail, also after someone else's flush
+    before = {m: instance(m) for m in ("nf_conntrack", "nf_nat")}
+    attempts = [["rmmod", "nf_conntrack"], ["rmmod", "nf_nat"], ["modprobe", "-r", "nf_nat"],
+                ["modprobe", "-r", "--remove-holders", "nf_conntrack"], ["rmmod", "nft_chain_nat"],
+                ["rmmod", "nft_ct"]]
+    r["refused"] = refused(attempts)
+    r["other_delete"] = [(p := sh("nft", "delete", "table", *HOLD_TABLE)).returncode, p.stderr.strip()[-200:]]
+    r["flush"] = sh("nft", "flush", "ruleset").returncode
+    r["table_after_flush"] = table_exists()
+    r["refused_after_flush"] = refused(attempts[:4])
+    r["same_instances"] = all(instance(m) == before[m] and before[m] is not None for m in before)
+    # br_netfilter cannot be held: its rmmod still works, and the repair brings it back
+    since = stamp()
+    r["br_rmmod"] = sh("rmmod", "br_netfilter").returncode
+    r["br_back_s"] = wait_for(lambda: live("br_netfilter") and read(BRIDGE) == "1", 60)
+    lap("refused")
+    # 2. firewalld's clean-up on stop, with its masquerading zone: nothing of the family goes
+    sh("modprobe", "-a", *HELPERS)  # hand-loaded helpers sit on the family; remembered by now
+    must("systemctl", "start", "firewalld.service", timeout=300)
+    r["firewalld_masq_held_s"] = wait_for(lambda: holds("nft_masq"), 30, 0.5)
+    fw_before = netfilter_modules()
+    t0 = time.monotonic()
+    r["firewalld_stop"] = sh("systemctl", "stop", "firewalld.service", timeout=300).returncode
+    r["firewalld_stop_s"] = round(time.monotonic() - t0, 2)
+    fw_after = netfilter_modules()
+    r["firewalld_unloaded"] = sorted(m for m, ino in fw_before.items() if fw_after.get(m) != ino)
+    r["firewalld_family_kept"] = all(fw_after.get(m) == fw_before.get(m) for m in ("nf_conntrack", "nf_nat",
+                                                                                 "nft_masq"))
+    r["firewalld_start"] = sh("systemctl", "start", "firewalld.service", timeout=300).returncode
+    r["firewalld_state"] = sh("firewall-cmd", "--state").stdout.strip()
+    r["firewalld_table"] = "table inet firewalld" in sh("nft", "list", "tables").stdout
+    must("systemctl", "stop", "firewalld.service", timeout=300)
+    lap("firewalld")
+    # 3. connections through a clean-up, with the hold and without it
+    net_setup()
+    r["connections_on"] = connections("hold on")
+    lap("connections on")
+    set_hold(False)
+    since = stamp()
+    must("systemctl", "reload", "ctwatchd.service")
+    r["released_on_reload_s"] = wait_for(lambda: not table_exists(), 30, 0.2)
+    r["connections_off"] = connections("hold off")
+    lap("connections off")
+    # 4. released by a stop and a SIGKILL, made again by systemd's restart
+    set_hold(True)
+    must("systemctl", "reload", "ctwatchd.service")
+    r["table_before_stop"] = wait_for(table_exists, 30, 0.2) is not None
+    must("systemctl", "stop", "ctwatchd.service", timeout=120)
+    r["table_after_stop"] = table_exists()
+    victims = holders_first(("nf_nat",))
+    r["rmmod_after_stop"] = [sh("rmmod", *victims).returncode, victims]
+    r["nf_nat_gone_after_stop"] = initstate("nf_nat") is None
+    must("systemctl", "start", "ctwatchd.service", timeout=300)
+    r["nf_nat_back"] = live("nf_nat")
+    r["table_after_start"] = table_exists()
+    port_before = hold_view().get("owner_port")
+    since = stamp()
+    sh("systemctl", "kill", "-s", "KILL", "ctwatchd.service")
+    r["table_gone_after_kill_s"] = wait_for(lambda: not table_exists(), 10, 0.05)
+    r["reheld_after_kill_s"] = wait_for(lambda: prop("ctwatchd.service", "ActiveState") == "active"
+                                        and bool(journal("hold.acquired", since)), 120, 0.5)
+    r["owner_port_changed"] = hold_view().get("owner_port") not in (None, port_before)
+    lap("stop and kill")
+    # 5. hooks nothing: no base chain of ours in the hook list (nfnetlink_hook answers `nft list hooks`),
+    # and in a network namespace that had no conntrack a hold without the masquerade rule turns none
+    # on: loopback TCP there leaves nf_conntrack_count at 0 (with the rule: nft_masq needs conntrack)
+    sh("modprobe", "nfnetlink_hook")
+    hooks = sh("nft", "list", "hooks").stdout
+    r["hooks_lines"] = len(hooks.splitlines())
+    r["hooks_ours"] = [line for line in hooks.splitlines() if "ctwatchd" in line]
+    venv_python = os.path.join(os.path.dirname(os.readlink("/usr/bin/ctwatchd")), "python")
+    for variant in ("plain", "masq"):
+        must("ip", "netns", "add", "cthold")
+        must("ip", "-n", "cthold", "link", "set", "lo", "up")
+        p = sh("ip", "netns", "exec", "cthold", venv_python, "-c", NETNS_HOLD, variant)
+        lines = p.stdout.splitlines()
+        r[f"netns_{variant}"] = {"event": lines[0] if lines else p.stderr[-300:],
+                                 "count": lines[1] if len(lines) > 1 else None,
+                                 "hooks": lines[2:]}
+        sh("ip", "netns", "del", "cthold")
+    lap("hooks")
+    r["seconds"] = laps
+
+
+NETNS_HOLD = """
+import socket, subprocess, sys
+from ctwatchd import hold
+from ctwatchd.model import HoldSpec
+h = hold.Hold()
+print(h.ensure(HoldSpec(True, True, sys.argv[1] == "masq")).event, flush=True)
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
+c = socket.create_connection(srv.getsockname()); a, _ = srv.accept(); c.sendall(b"x"); a.recv(1); c.close(); a.close()
+print(open("/proc/sys/net/netfilter/nf_conntrack_count").read().strip(), flush=True)
+print(subprocess.run(["nft", "list", "hooks"], capture_output=True, text=True).stdout, flush=True)
+"""
+
+
 REMOVERS: dict[str, Callable[[str], list[str]]] = {
     # an admin's clean-up job: systemd-run starts rmmod as the unit's main process, which exits at once
     "job": lambda n: ["systemd-run", f"--unit=cleanup-job-{n}", "rmmod", "br_netfilter"],
@@ -346,6 +599,7 @@ def phase_attribution() -> None:
 PHASES: tuple[tuple[str, Callable[[], None]], ...] = (
     ("helpers", phase_helpers), ("hashsize", phase_hashsize), ("sysctl", phase_sysctl_fight),
     ("guard", phase_guard), ("attribution", phase_attribution), ("firewalld", phase_firewalld),
+    ("hold", phase_hold),
 )
 
 
