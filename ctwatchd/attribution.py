@@ -282,9 +282,11 @@ class _Event:
     when: float = 0.0
 
 
-def audit_removals(entries: Iterable[Mapping[str, object]]) -> list[tuple[float, str, Proc]]:
+def audit_removals(entries: Iterable[Mapping[str, object]], *,
+                   refused: bool = False) -> list[tuple[float, str, Proc]]:
     """(wall time, module, process) for each delete_module in journald's audit entries (JSON objects
-    as `journalctl -o json` prints them), grouped by their audit serial."""
+    as `journalctl -o json` prints them), grouped by their audit serial: the ones that succeeded, or
+    with `refused` the ones the kernel refused (a held module "in use")."""
     events: dict[str, _Event] = {}
     for entry in entries:
         kind = AUDIT_TYPES.get(str(entry.get("_AUDIT_TYPE", "")))
@@ -309,7 +311,7 @@ def audit_removals(entries: Iterable[Mapping[str, object]]) -> list[tuple[float,
         nr = DELETE_MODULE_BY_ARCH.get(s.get("arch", "").lower())
         if ev.module is None or pid is None or nr is None or s.get("syscall") != str(nr):
             continue
-        if s.get("success") not in (None, "yes"):
+        if s.get("success") != "no" if refused else s.get("success") not in (None, "yes"):
             continue
         out.append((ev.when, ev.module, Proc(
             pid=pid, comm=unhex(s["comm"]) if "comm" in s else None,
@@ -411,6 +413,23 @@ class Attributor:
     @property
     def deadline(self) -> float | None:
         return min((p.due for p in self.pending), default=None)
+
+    def refusals(self, since_wall: float, modules: Iterable[str]) -> list[tuple[float, Culprit]]:
+        """Refused delete_module calls of `modules` since `since_wall`, from the audit records (none
+        without the audit rule or a journal): (wall time, who tried), oldest first."""
+        if self.query is None:
+            return []
+        output = self.query(since_wall)
+        if not output:
+            return []
+        wanted = {m.replace("-", "_") for m in modules}
+        out = []
+        for when, module, proc in sorted(audit_removals(parse_journal(output), refused=True), key=lambda x: x[0]):
+            if when >= since_wall and module.replace("-", "_") in wanted:
+                proc = merge(proc, None, self.scanner.read(proc.pid))  # its unit, while it still runs
+                out.append((when, Culprit(module, "audit", proc, user_name(self.root, proc.auid),
+                                          "the kernel's audit record of a refused delete_module")))
+        return out
 
     def resolve(self, now: float) -> list[Culprit]:
         """The Culprits of the removals now due (their scans done), oldest first."""

@@ -94,6 +94,8 @@ EVENTS: dict[str, EventType] = {
                                   "instead"),
     "hold.released": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b22",
                                "nft table {table} released: the modules it held can be unloaded again"),
+    "module.refused": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b23",
+                                "{culprit} tried to unload {module}; the hold refused it"),
     "daemon.internal_error": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b1a",
                                        "internal error at {location}: {detail}; next look in {retry_in} s"),
 }

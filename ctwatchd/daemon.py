@@ -39,6 +39,12 @@ EXTEND_EVERY = 5.0
 EXTEND_BY = 30.0
 # After an unexpected exception in a reconcile, wait this long before the next: log, never spin.
 INTERNAL_ERROR_PAUSE = 5.0
+# While the hold holds, ask the journal this often for refused delete_module calls (the audit rule's
+# records): one journalctl run per period, so an idle daemon stays cheap.
+REFUSALS_EVERY = 30.0
+# journald may write an audit record a moment after its time: each query reaches this far back,
+# and what was already told is not told again.
+REFUSALS_LAG = 5.0
 
 
 class Daemon:
@@ -82,6 +88,10 @@ class Daemon:
         self.next_watchdog: float | None = None
         self.ready = False
         self._next_extend = 0.0
+        self.refusals_every = REFUSALS_EVERY
+        self.next_refusals: float | None = None  # monotonic; None while nothing is held
+        self.refusals_since = 0.0  # wall clock: the journal's timestamps are wall clock
+        self._refusals_told: dict[tuple[float, int, str], float] = {}
         self.observation: Observation | None = None
         self.watched: tuple[str, ...] = cfg.modules  # desired + legacy, as of the last look
         self.reconciles = 0
@@ -142,7 +152,8 @@ class Daemon:
         while self.stop_signal is None:
             now = self.clock()
             deadlines = [d for d in (self.next_poll, self.wake_at, self.next_watchdog, self.monitor.deadline,
-                                     self.udev.deadline, self.attributor.deadline if self.attributor else None)
+                                     self.udev.deadline, self.attributor.deadline if self.attributor else None,
+                                     self.next_refusals)
                          if d is not None]
             timeout = 0.0 if self.hint or self.signals.pending else max(0.0, min(deadlines) - now)
             for key, _ in self.sel.select(timeout):
@@ -157,6 +168,7 @@ class Daemon:
             if self.hint or now >= self.next_poll or (self.wake_at is not None and now >= self.wake_at):
                 self.reconcile()
             self._attribute()
+            self._refusals()
         if self.hold is not None:  # said before it happens: closing the socket deletes the table
             self.reporter.hold(self.hold.release())
         self.keeper.save(self.state, self.last_status, stopped=True)
@@ -264,6 +276,38 @@ class Daemon:
             self.reporter.removed(culprit)
         if culprits:
             self.keeper.save(self.state, self.last_status)
+
+    def _refusals(self) -> None:
+        """Who tried to unload a held module: one module.refused record per refused delete_module the
+        audit rule recorded (nothing without it), asked of the journal every refusals_every seconds."""
+        attributor, hold = self.attributor, self.hold
+        if attributor is None or hold is None or not hold.held:
+            self.next_refusals = None
+            return
+        now = self.clock()
+        if self.next_refusals is None:  # just held: refusals count from now
+            self.next_refusals = now + self.refusals_every
+            self.refusals_since = attributor.wall()
+            return
+        if now < self.next_refusals or self.hint:
+            return
+        self.next_refusals = now + self.refusals_every
+        since, self.refusals_since = self.refusals_since, attributor.wall()
+        try:
+            found = attributor.refusals(since - REFUSALS_LAG, hold.held.modules)
+        except Exception as exc:  # a courtesy, like attribution: never the repair's cost
+            self.log.error("daemon.internal_error", detail=f"{type(exc).__name__}: {clean(str(exc))}",
+                           location="refusals", retry_in=self.refusals_every)
+            return
+        for when, culprit in found:
+            key = (when, culprit.proc.pid if culprit.proc else 0, culprit.module)
+            if key in self._refusals_told:
+                continue
+            self._refusals_told[key] = when
+            self.log.warning("module.refused", culprit=culprit.summary(), why=culprit.why or None,
+                             **culprit.fields())
+        horizon = since - 2 * REFUSALS_LAG  # forget what no later query can return again
+        self._refusals_told = {k: t for k, t in self._refusals_told.items() if t >= horizon}
 
     # -- reconcile ----------------------------------------------------------------------------
     def reconcile(self) -> None:

@@ -488,3 +488,67 @@ def test_metrics_say_which_modules_are_held(tmp_path: Path) -> None:
     metrics.write()
     assert 'ctwatchd_module_held{module="nf_nat"} 0.0' in (tmp_path / "m.prom").read_text()
     assert [e["event"] for e in logs] == ["hold.released"]  # said once
+
+
+# -- refused unloads, told --------------------------------------------------------------------------
+def test_audit_refusals_are_the_failed_delete_module_calls_only() -> None:
+    """success=no is a refusal (a held module 'in use'); a removal that worked is not one, and vice versa."""
+    from test_attribution import audit_records
+
+    from ctwatchd.attribution import audit_removals
+
+    now = 1_800_000_000.0
+    entries = [*audit_records("1", "nf_nat", now, success="no"), *audit_records("2", "br_netfilter", now)]
+    assert [m for _, m, _ in audit_removals(entries, refused=True)] == ["nf_nat"]
+    assert [m for _, m, _ in audit_removals(entries)] == ["br_netfilter"]
+
+
+def test_a_refused_unload_of_a_held_module_is_told_once_naming_who_tried(host: FakeHost, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         nft: FakeNfTables) -> None:
+    """With the audit rule's records in the journal: one module.refused record per refused delete_module
+    of a held module, with the remover's fields, however many times the journal is asked; a refusal of
+    a module the hold does not hold, or one from before the hold, is not told."""
+    import json
+    import time
+
+    from test_attribution import audit_records
+
+    h = Harness(host, tmp_path, monkeypatch)
+    journal = host.root / "journal.json"
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        now = time.time() + 0.5
+        entries = [*audit_records("7", "nf_nat", now, success="no", pid=777),
+                   *audit_records("8", "br_netfilter", now, success="no", pid=778),
+                   *audit_records("9", "nf_conntrack", now - 3600, success="no", pid=779)]
+        journal.write_text("\n".join(json.dumps(e) for e in entries) + "\n")
+        h.wait_for(lambda: (host.root / "journalctl.log").exists()
+                   and len((host.root / "journalctl.log").read_text().splitlines()) >= 4)
+
+    d = h.daemon(cfg_for(host))
+    d.hold = hold.Hold(nft.connect)
+    d.refusals_every = 0.2
+    code, logs = h.run(d, driver)
+    refused = events(logs, "module.refused")
+    assert code == 0 and len(refused) == 1, refused
+    assert refused[0]["module"] == "nf_nat" and refused[0]["removed_by_pid"] == 777
+    assert refused[0]["attribution"] == "audit" and "rmmod[777]" in refused[0]["culprit"]
+
+
+def test_without_a_hold_the_journal_is_not_asked_for_refusals(host: FakeHost, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing held (no hold, or a kernel that cannot): no journalctl every period for nothing."""
+    h = Harness(host, tmp_path, monkeypatch)
+    d = h.daemon(cfg_for(host))
+    d.refusals_every = 0.05
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        import time
+
+        time.sleep(0.5)
+
+    h.run(d, driver)
+    assert not (host.root / "journalctl.log").exists()
