@@ -424,9 +424,9 @@ class Attributor:
             return []
         wanted = {m.replace("-", "_") for m in modules}
         out = []
-        for when, module, proc in sorted(audit_removals(parse_journal(output), refused=True), key=lambda x: x[0]):
+        for when, module, audited in sorted(audit_removals(parse_journal(output), refused=True), key=lambda x: x[0]):
             if when >= since_wall and module.replace("-", "_") in wanted:
-                proc = merge(proc, None, self.scanner.read(proc.pid))  # its unit, while it still runs
+                proc = merge(audited, None, self.scanner.read(audited.pid))  # its unit, while it still runs
                 out.append((when, Culprit(module, "audit", proc, user_name(self.root, proc.auid),
                                           "the kernel's audit record of a refused delete_module")))
         return out

@@ -88,6 +88,9 @@ def _batch_error(acks: dict[int, nftnl.Ack], what: list[str]) -> NetlinkError | 
             return NetlinkError(f"creating {name}: the kernel gave no answer")
         if ack.error:
             hint = _HINTS.get(ack.error, "")
+            if i == 0 and ack.error == errno.EINVAL:  # how kernels before 5.12 refuse an unknown table flag
+                hint = ("; kernels older than 5.12 refuse the owner flag this way (owner tables need Linux 5.12 "
+                        "or newer)")
             text = f" ({clean(ack.text, 120)})" if ack.text else ""
             return NetlinkError(f"creating {name} failed: {nftnl.strerror(ack.error)}{text}{hint}", ack.error)
     return None
@@ -172,8 +175,8 @@ class Hold:
 
     def ensure(self, want: HoldSpec) -> HoldChange:
         """Make the table hold `want`: verify what is held, re-create what was lost, grow or shrink it."""
-        if not want:
-            return self.release() if self.held else HoldChange(None, self.held)
+        if not want:  # nothing to hold now; a refusal already said stays the reason until it changes
+            return self.release() if self.held else HoldChange(None, self.held, self.reason)
         lost = self._verify() if self.held else None
         if self.held and want == self.held:
             return HoldChange(None, self.held)
@@ -198,7 +201,7 @@ class Hold:
 
     def reset(self) -> None:
         """A configuration reload: a kernel that could not hold is asked again."""
-        self.refused, self.permanent, self.retry_at = None, False, 0.0
+        self.refused, self.reason, self.permanent, self.retry_at = None, None, False, 0.0
 
     def release(self) -> HoldChange:
         """Close the socket: the kernel deletes the table and the modules unload normally again."""
