@@ -311,6 +311,12 @@ def step_hooks() -> None:
                                   'sleep 5 & exit 0"]]\nmax_restarts = 1000')
     start(NAME, config_dir("hooks", toml), "-v", f"{runs_file.parent}:/hooklog")
     wait_for(restored, 300, 0.5)
+    # The pod runs on the ConfigMap's defaults here, hold on: its table is in the host's namespace
+    # (hostNetwork), owned by the container's ctwatchd, and the host's rmmod of nf_nat is refused.
+    r["held_after_s"] = wait_for(lambda: sh("nft", "list", "table", "ip", "ctwatchd").returncode == 0, 60, 0.5)
+    nat_before = _instance("nf_nat")
+    r["host_rmmod_nf_nat"] = sh("rmmod", "nf_nat").returncode
+    r["nf_nat_same"] = nat_before is not None and _instance("nf_nat") == nat_before
     pid = container_pid(NAME)
     runs, orphans = 0, 0
     for i in range(20):
@@ -325,6 +331,14 @@ def step_hooks() -> None:
     r["hook_runs"] = logs(NAME)["hook_runs_ok"]
     r["zombies"] = [c for c in children(pid) if c[1] == "Z"]
     sh("docker", "rm", "-f", NAME)
+    r["released_after_s"] = wait_for(lambda: sh("nft", "list", "table", "ip", "ctwatchd").returncode != 0, 60, 0.5)
+
+
+def _instance(module: str) -> int | None:
+    try:
+        return os.stat(f"/sys/module/{module}").st_ino
+    except OSError:
+        return None
 
 
 def ready(name: str) -> bool:

@@ -322,6 +322,15 @@ def test_hook_grandchildren_handed_to_pid_1_are_reaped(docker: dict[str, Any]) -
     assert h["orphans_seen"] > 0 and h["zombies"] == [], h
 
 
+def test_the_pod_holds_the_hosts_modules_and_releases_them_when_removed(docker: dict[str, Any]) -> None:
+    """The DaemonSet's image on the ConfigMap's defaults (privileged, host network): its hold is made in
+    the host's namespace, the host's `rmmod nf_nat` fails, and removing the pod releases the table."""
+    h = pod(docker, "hooks")
+    assert h["held_after_s"] is not None, h
+    assert h["host_rmmod_nf_nat"] != 0 and h["nf_nat_same"], h
+    assert h["released_after_s"] is not None, h
+
+
 def test_the_unprivileged_variant_loads_modules_but_cannot_write_sysctls(docker: dict[str, Any]) -> None:
     """SYS_MODULE + NET_ADMIN, not privileged, as the manifest's comment documents: modules come back;
     a sysctl set behind its back and a tuned value a reload reset stay wrong (/proc/sys is read-only)."""

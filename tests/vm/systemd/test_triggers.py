@@ -199,8 +199,7 @@ def test_the_hold_refuses_every_unload_of_the_family_also_after_a_flush(triggers
     r = phase(triggers, "hold")
     assert r["acquired"] and "nf_conntrack nf_nat" in r["acquired"][0], r["acquired"]
     assert "held: nf_conntrack nf_nat" in r["status"], r["status"]
-    assert "flags owner,dormant" in r["table"].replace(" ", "") or (
-        "flags dormant" in r["table"] and "owner" in r["table"]), r["table"]
+    assert "flags dormant,owner" in r["table"] or "flags owner,dormant" in r["table"], r["table"]
     for cmd, (rc, err) in {**r["refused"], **r["refused_after_flush"]}.items():
         assert rc != 0, (cmd, err)
     assert r["other_delete"][0] != 0 and "Operation not permitted" in r["other_delete"][1], r["other_delete"]
@@ -254,13 +253,16 @@ def test_the_hold_goes_with_ctwatchd_and_comes_back_with_it(triggers: dict[str, 
 
 
 def test_the_hold_hooks_nothing_and_turns_no_conntrack_on(triggers: dict[str, Any]) -> None:
-    """No hook of the hold's in `nft list hooks` (which lists the host's hooks); in a network namespace
-    with no conntrack, the hold without a masquerade rule leaves loopback TCP untracked (count 0) and
-    hooks nothing there; with the rule (nft_masq needs conntrack) the same traffic is tracked."""
+    """The kernel lists the table dormant (no chain of it hooked); in a network namespace with no
+    conntrack, the hold without a masquerade rule leaves loopback TCP untracked (count 0), while with
+    the rule (nft_masq needs conntrack) the same traffic is tracked: the count tells the two apart.
+    (Debian's 6.1 has no nfnetlink_hook, so `nft list hooks` shows nothing there to compare.)"""
     r = phase(triggers, "hold")
-    assert r["hooks_lines"] > 0 and r["hooks_ours"] == [], r
+    flags: list[str] = next((line.split() for line in r["table"].splitlines()
+                             if line.strip().startswith("flags")), [])
+    assert flags and "dormant" in flags[1].split(","), r["table"]
     plain, masq = r["netns_plain"], r["netns_masq"]
     assert plain["event"] == masq["event"] == "hold.acquired", r
-    assert plain["count"] == "0" and not any(x.strip() for x in plain["hooks"]), plain
-    assert masq["count"] not in (None, "0") and any("conntrack" in x for x in masq["hooks"]), masq
+    assert plain["count"] == "0", plain
+    assert masq["count"] not in (None, "0"), masq
     print(f"hold phase laps (s): {r['seconds']}")

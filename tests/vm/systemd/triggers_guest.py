@@ -317,7 +317,7 @@ import socket, sys
 host, port = sys.argv[1], int(sys.argv[2])
 c = socket.create_connection((host, port), timeout=20); c.sendall(b"hi"); assert c.recv(16) == b"ok"
 print("connected", flush=True)
-c.settimeout(60)
+c.settimeout(15)  # the server sends at once after the put-back: silence this long is a broken connection
 try:
     got = c.recv(16)
     if got == b"after":
@@ -434,7 +434,6 @@ def phase_hold() -> None:
     r["acquired"] = [e.get("CTWATCHD_HELD") for e in journal("hold.acquired", since)]
     r["status"] = prop("ctwatchd.service", "StatusText")
     r["table"] = sh("nft", "list", "table", *HOLD_TABLE).stdout
-    r["hooks"] = sh("nft", "list", "hooks").stdout
     c = check_json()
     r["check_holds"] = {m["name"]: m.get("hold") for m in c.get("modules", [])}
     r["check_hold"] = c.get("hold")
@@ -501,13 +500,10 @@ def phase_hold() -> None:
                                         and bool(journal("hold.acquired", since)), 120, 0.5)
     r["owner_port_changed"] = hold_view().get("owner_port") not in (None, port_before)
     lap("stop and kill")
-    # 5. hooks nothing: no base chain of ours in the hook list (nfnetlink_hook answers `nft list hooks`),
-    # and in a network namespace that had no conntrack a hold without the masquerade rule turns none
-    # on: loopback TCP there leaves nf_conntrack_count at 0 (with the rule: nft_masq needs conntrack)
-    sh("modprobe", "nfnetlink_hook")
-    hooks = sh("nft", "list", "hooks").stdout
-    r["hooks_lines"] = len(hooks.splitlines())
-    r["hooks_ours"] = [line for line in hooks.splitlines() if "ctwatchd" in line]
+    # 5. hooks nothing: the kernel reports the table dormant (its listing above; Debian's kernel has no
+    # nfnetlink_hook, so `nft list hooks` cannot show hooks), and in a network namespace that had no
+    # conntrack a hold without the masquerade rule turns none on: loopback TCP there leaves
+    # nf_conntrack_count at 0 (with the rule, which needs conntrack, the same traffic is tracked)
     venv_python = os.path.join(os.path.dirname(os.readlink("/usr/bin/ctwatchd")), "python")
     for variant in ("plain", "masq"):
         must("ip", "netns", "add", "cthold")
@@ -515,15 +511,14 @@ def phase_hold() -> None:
         p = sh("ip", "netns", "exec", "cthold", venv_python, "-c", NETNS_HOLD, variant)
         lines = p.stdout.splitlines()
         r[f"netns_{variant}"] = {"event": lines[0] if lines else p.stderr[-300:],
-                                 "count": lines[1] if len(lines) > 1 else None,
-                                 "hooks": lines[2:]}
+                                 "count": lines[1] if len(lines) > 1 else None}
         sh("ip", "netns", "del", "cthold")
     lap("hooks")
     r["seconds"] = laps
 
 
 NETNS_HOLD = """
-import socket, subprocess, sys
+import socket, sys
 from ctwatchd import hold
 from ctwatchd.model import HoldSpec
 h = hold.Hold()
@@ -531,7 +526,6 @@ print(h.ensure(HoldSpec(True, True, sys.argv[1] == "masq")).event, flush=True)
 srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
 c = socket.create_connection(srv.getsockname()); a, _ = srv.accept(); c.sendall(b"x"); a.recv(1); c.close(); a.close()
 print(open("/proc/sys/net/netfilter/nf_conntrack_count").read().strip(), flush=True)
-print(subprocess.run(["nft", "list", "hooks"], capture_output=True, text=True).stdout, flush=True)
 """
 
 
