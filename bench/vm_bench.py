@@ -1,7 +1,8 @@
 """Restore time on a real kernel (ctwatchd vs the bare manual chain), detection latency, storm safety.
 
-Usage: python bench/vm_bench.py [--repeats 8]
-Boots Debian's modular kernel under QEMU/TCG (tests/vm/guest.py; `bash tests/vm/prepare.sh` first).
+Usage: python bench/vm_bench.py [--repeats 8] [--kernel bookworm|bullseye]
+Boots Debian's modular kernel under QEMU/TCG (tests/vm/guest.py; `bash tests/vm/prepare.sh` first):
+bookworm's 6.1 (the README's figures), or bullseye's 5.10 for the same figures on a kernel without owner tables.
 Under TCG absolute times are inflated; compare the ratio, which the emulation affects about equally.
 """
 
@@ -20,6 +21,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "vm"))
 
 import guest  # noqa: E402
+
+KERNELS = {"bookworm": guest.KERNEL_ROOT, "bullseye": guest.BULLSEYE_KERNEL_ROOT}
 
 
 def latencies(log: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
@@ -43,15 +46,17 @@ def latencies(log: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=8)
+    ap.add_argument("--kernel", choices=sorted(KERNELS), default="bookworm")
     args = ap.parse_args()
-    missing = guest.vm_available()
+    kernel = KERNELS[args.kernel]
+    missing = guest.vm_available(kernel)
     if missing:
         print(missing)
         return 2
     with tempfile.TemporaryDirectory(prefix="ctwatchd-bench-") as tmp:
         rw = Path(tmp)
         script = f'"$PY" {shlex.quote(str(HERE / "vm_bench_guest.py"))} "$RESULTS" {args.repeats} > guest.log 2>&1\n'
-        run = guest.boot(script, timeout=1800, rwdir=rw)
+        run = guest.boot(script, timeout=1800, rwdir=rw, kernel=kernel)
         if run.returncode != 0:
             print((rw / "guest.log").read_text()[-3000:] if (rw / "guest.log").exists() else run.console[-3000:])
             return 1

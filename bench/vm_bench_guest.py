@@ -12,13 +12,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "vm"))
 
-from guestlib import cpu_seconds, read, wait_for
+from guestlib import cpu_seconds, manual_chain, read, timed_removal, wait_for
 
 RESULTS = Path(sys.argv[1])
 REPEATS = int(sys.argv[2])
@@ -39,24 +39,9 @@ def wait(pred: Callable[[], bool], timeout: float = 60.0) -> bool:
     return wait_for(pred, timeout, 0.001) is not None
 
 
-def bare_chain(case: list[str]) -> None:
+def bare_chain(case: Sequence[str]) -> None:
     """What an admin types after the same rmmod: modprobe in order, then the two sysctls."""
-    for m in reversed(case):  # rmmod order reversed: dependencies first
-        subprocess.run(["modprobe", m], check=True)
-    for k, v in BRIDGE.items():
-        subprocess.run(["sysctl", "-qw", f"{k}={v}"], check=True)
-
-
-def measure(case: list[str], after_rmmod: Any) -> tuple[float, float]:  # noqa: ANN401
-    """(rmmod start -> restored, rmmod return time) in seconds / monotonic."""
-    assert wait(restored), "not healthy before the removal"
-    time.sleep(0.3)
-    t0 = time.monotonic()
-    subprocess.run(["rmmod", *case], check=True)
-    t_rm = time.monotonic()
-    after_rmmod(case)
-    assert wait(restored), f"not restored after removing {case}"
-    return time.monotonic() - t0, t_rm
+    manual_chain(case, BRIDGE)
 
 
 def storm(seconds: float) -> int:
@@ -81,7 +66,7 @@ def main() -> int:
                            "rmmod_return": {}}
     # The bare chain first, with no daemon running.
     for name, case in CASES.items():
-        out["bare"][name] = [measure(case, bare_chain)[0] for _ in range(REPEATS)]
+        out["bare"][name] = [timed_removal(case, restored, bare_chain)[0] for _ in range(REPEATS)]
     cfg = RESULTS / "bench.toml"
     # The repair is what is timed: the hold (on by default) would refuse the unloads.
     cfg.write_text(f'[daemon]\nstate_file = "{RESULTS}/state.json"\nlog_format = "json"\n[hold]\nenabled = false\n')
@@ -92,7 +77,7 @@ def main() -> int:
         try:
             assert wait(lambda: "daemon.ready" in log.read_text(), 180)
             for name, case in CASES.items():
-                runs = [measure(case, lambda _c: None) for _ in range(REPEATS)]
+                runs = [timed_removal(case, restored, lambda _c: None) for _ in range(REPEATS)]
                 out["ctwatchd"][name] = [r[0] for r in runs]
                 out["rmmod_return"][name] = [r[1] for r in runs]
             # A storm of unrelated uevents with one module removal in the middle of it.

@@ -25,10 +25,28 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.vm)
 
 
-@pytest.fixture(autouse=True)
-def _vm_prerequisites() -> None:
-    missing = guest.vm_available()
+def _require(kernel: Path) -> None:
+    missing = guest.vm_available(kernel)
     if missing is not None:
         if os.environ.get("CI"):
             pytest.fail(f"{missing} (CI is set, so this is a failure)", pytrace=False)
         pytest.skip(missing)
+
+
+def _kernel(request: pytest.FixtureRequest) -> Path:
+    """The kernel a test module boots: its KERNEL (e.g. guest.BULLSEYE_KERNEL_ROOT), else bookworm's."""
+    kernel: Path = getattr(request.module, "KERNEL", guest.KERNEL_ROOT)
+    return kernel
+
+
+@pytest.fixture(autouse=True)
+def _vm_prerequisites(request: pytest.FixtureRequest) -> None:
+    _require(_kernel(request))
+
+
+@pytest.fixture(scope="module")
+def vm_kernel(request: pytest.FixtureRequest) -> Path:
+    """The module's kernel, checked before a module-scoped boot uses it (pytest sets those up first)."""
+    kernel = _kernel(request)
+    _require(kernel)
+    return kernel

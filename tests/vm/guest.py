@@ -3,7 +3,8 @@
 The guest sees this machine's filesystem read-only as its root, so it can run
 the project's virtualenv; ``rwdir`` is shared writable at the same path and is
 where a guest script leaves its results.  ``bash tests/vm/prepare.sh`` installs
-everything this module needs.
+everything this module needs, and both kernels: Debian bookworm's (KERNEL_ROOT, the default) and
+bullseye's 5.10 (BULLSEYE_KERNEL_ROOT, for ``boot(..., kernel=BULLSEYE_KERNEL_ROOT)``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-KERNEL_ROOT = REPO / ".cache" / "vm" / "kernel"
+# A kernel is a directory as tests/vm/fetch-kernel.sh lays it out: VERSION, boot/vmlinuz-<ver>,
+# lib/modules/<ver>/modules.dep.
+KERNEL_ROOT = REPO / ".cache" / "vm" / "kernel"  # Debian bookworm's 6.1: the tier's kernel
+BULLSEYE_KERNEL_ROOT = REPO / ".cache" / "vm" / "kernel-bullseye"  # Debian bullseye's 5.10: no owner tables
 PREPARE = "bash tests/vm/prepare.sh"
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # vng joins its arguments into a shell command line without quoting them.
@@ -55,19 +59,19 @@ def find_vng() -> Path | None:
     return Path(found) if found else None
 
 
-def kernel_version() -> str | None:
+def kernel_version(kernel: Path = KERNEL_ROOT) -> str | None:
     try:
-        return (KERNEL_ROOT / "VERSION").read_text(encoding="ascii").strip() or None
+        return (kernel / "VERSION").read_text(encoding="ascii").strip() or None
     except OSError:
         return None
 
 
-def kernel_image() -> Path | None:
-    version = kernel_version()
+def kernel_image(kernel: Path = KERNEL_ROOT) -> Path | None:
+    version = kernel_version(kernel)
     if version is None:
         return None
-    image = KERNEL_ROOT / "boot" / f"vmlinuz-{version}"
-    modules_dep = KERNEL_ROOT / "lib" / "modules" / version / "modules.dep"
+    image = kernel / "boot" / f"vmlinuz-{version}"
+    modules_dep = kernel / "lib" / "modules" / version / "modules.dep"
     return image if image.is_file() and modules_dep.is_file() else None
 
 
@@ -75,7 +79,7 @@ def _which_sbin(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
 
 
-def vm_available() -> str | None:
+def vm_available(kernel: Path = KERNEL_ROOT) -> str | None:
     """None if the VM tier can run here, else one sentence saying what is missing."""
     missing: list[str] = []
     if shutil.which("qemu-system-x86_64") is None:
@@ -86,8 +90,9 @@ def vm_available() -> str | None:
         missing.append("modprobe/depmod (Debian kmod)")
     if find_vng() is None:
         missing.append(f"vng (virtme-ng in {venv_dir()})")
-    if kernel_image() is None:
-        missing.append(f"the guest kernel in {KERNEL_ROOT.relative_to(REPO)}/")
+    if kernel_image(kernel) is None:
+        shown = kernel.relative_to(REPO) if kernel.is_relative_to(REPO) else kernel
+        missing.append(f"the guest kernel in {shown}/")
     if not venv_python().is_file():
         missing.append(f"the project virtualenv python ({venv_python()})")
     if not missing:
@@ -102,12 +107,12 @@ def _check_path(path: Path) -> str:
     return text
 
 
-def vng_command(rwdir: Path, entry: Path, memory: str, cpus: int) -> list[str]:
-    """The vng argv booting the cached kernel and running ``entry`` as root."""
+def vng_command(rwdir: Path, entry: Path, memory: str, cpus: int, kernel: Path = KERNEL_ROOT) -> list[str]:
+    """The vng argv booting the cached ``kernel`` and running ``entry`` as root."""
     vng = find_vng()
-    image = kernel_image()
+    image = kernel_image(kernel)
     if vng is None or image is None:
-        raise RuntimeError(vm_available() or "VM prerequisites missing")
+        raise RuntimeError(vm_available(kernel) or "VM prerequisites missing")
     return [
         str(vng),
         "--run", _check_path(image),
@@ -145,8 +150,10 @@ def boot(
     rwdir: Path,
     memory: str = "1G",
     cpus: int = 2,
+    kernel: Path = KERNEL_ROOT,
 ) -> GuestRun:
-    """Boot the guest, run ``script`` with bash as root in it, and power off.
+    """Boot the guest on ``kernel`` (a cached kernel directory, bookworm's by default), run ``script``
+    with bash as root in it, and power off.
 
     In the guest the script starts in ``rwdir`` with ``$RESULTS`` (= rwdir),
     ``$REPO`` and ``$PY`` (the project venv's python) set.  Its exit status is
@@ -162,7 +169,7 @@ def boot(
     rc_file.unlink(missing_ok=True)
     script_file.write_text(script, encoding="utf-8")
     entry.write_text(_wrapper(rwdir, script_file, rc_file), encoding="utf-8")
-    argv = vng_command(rwdir, entry, memory, cpus)
+    argv = vng_command(rwdir, entry, memory, cpus, kernel)
     env = dict(os.environ)
     # vng runs virtme-run by name: its directory must be on PATH.
     env["PATH"] = os.pathsep.join([str(Path(argv[0]).parent), env.get("PATH", "")])

@@ -64,7 +64,9 @@ def main() -> int:
     cfg.write_text(
         "[watch]\npoll_interval = 5.0\n[sysctl]\n"
         + "".join(f'"{k}" = "{v}"\n' for k, v in SYSCTLS.items())
-        + f'[daemon]\nstate_file = "{RESULTS}/state.json"\nlog_format = "json"\n')
+        + f'[daemon]\nstate_file = "{RESULTS}/state.json"\nlog_format = "json"\n'
+        # The scenarios unload nf_nat and nf_conntrack: the hold (on by default) would refuse that.
+        + "[hold]\nenabled = false\n")
     cfg.chmod(0o644)
     out: dict[str, Any] = {"uname": os.uname().release, "before_start": snapshot(), "scenarios": []}
     log = open(RESULTS / "daemon.log", "w")  # noqa: SIM115 - lives as long as the daemon
