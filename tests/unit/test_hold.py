@@ -4,6 +4,7 @@ real nf_tables in a network namespace of its own; the pure target and check rows
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import struct
@@ -556,3 +557,81 @@ def test_without_a_hold_the_journal_is_not_asked_for_refusals(host: FakeHost, tm
 
     h.run(d, driver)
     assert not (host.root / "journalctl.log").exists()
+
+
+# -- real kernel bytes, recorded ----------------------------------------------------------------------
+RECORDED = json.loads((Path(__file__).parent / "data/nft_replies.json").read_text())
+# tests/unit/data/nft_replies.json: what a real nf_tables (RECORDED["kernel"]) answered to Hold.ensure
+# (masquerade included), to another process deleting the table, and to a GET of a missing table.
+
+
+class Replay:
+    """A socket answering with the recorded datagrams, in the kernel's order, their sequence numbers
+    rewritten: the n-th distinct recorded seq becomes the n-th seq the client asked an answer for.
+    A datagram is released once the request it answers has been sent."""
+
+    def __init__(self, datagrams: list[str]) -> None:
+        self.recorded = [bytes.fromhex(d) for d in datagrams]
+        self.order: list[int] = []  # recorded seqs, by first appearance
+        for d in self.recorded:
+            for m in nftnl.parse_messages(d):
+                if m.seq not in self.order:
+                    self.order.append(m.seq)
+        self.asked: list[int] = []
+        self.pending: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        self.asked += [m.seq for m in nftnl.parse_messages(data)
+                       if m.kind not in (nftnl.NFNL_MSG_BATCH_BEGIN, nftnl.NFNL_MSG_BATCH_END)]
+        while self.recorded:
+            first = nftnl.parse_messages(self.recorded[0])[0].seq
+            if self.order.index(first) >= len(self.asked):
+                break
+            out = bytearray(self.recorded.pop(0))
+            offset = 0
+            while offset < len(out):
+                length, _, _, seq, _ = struct.unpack_from("=IHHII", out, offset)
+                struct.pack_into("=I", out, offset + 8, self.asked[self.order.index(seq)])
+                offset += (length + 3) & ~3
+            self.pending.append(bytes(out))
+        return len(data)
+
+    def recv(self, size: int) -> bytes:
+        if not self.pending:
+            raise TimeoutError
+        return self.pending.pop(0)
+
+    def settimeout(self, value: float | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_recorded_kernel_replies_make_a_hold_with_its_flags_read_back() -> None:
+    """The real kernel's acks, table, chain and rule dumps, fed back in order: acquired, holding the
+    five modules, with the owner and dormant flags and the owner's port as the kernel reported them."""
+    replay = Replay(RECORDED["replies"]["create_and_read_back"])
+    h = hold.Hold(lambda: replay)
+    change = h.ensure(MASQ)
+    assert change.event == "hold.acquired", change
+    assert change.held.modules == ("nf_conntrack", "nf_nat", "nft_chain_nat", "nft_ct", "nft_masq")
+
+
+def test_recorded_kernel_refusals_are_read_as_their_errno() -> None:
+    """Another process deleting the owner table: EPERM; a GET of a table that is not there: ENOENT."""
+    [eperm] = nftnl.parse_messages(bytes.fromhex(RECORDED["replies"]["delete_by_another_eperm"][0]))
+    assert nftnl.parse_ack(eperm).error == errno.EPERM
+    [enoent] = nftnl.parse_messages(bytes.fromhex(RECORDED["replies"]["gettable_missing_enoent"][0]))
+    assert nftnl.parse_ack(enoent).error == errno.ENOENT
+    assert RECORDED["replies"]["gettable_missing_enoent_error"].startswith("No such file or directory (ENOENT)")
+
+
+def test_recorded_table_reply_carries_owner_and_dormant() -> None:
+    """Decoding the kernel's own NEWTABLE message: both flags and the owner attribute."""
+    msgs = [m for d in RECORDED["replies"]["create_and_read_back"] for m in nftnl.parse_messages(bytes.fromhex(d))]
+    table = next(m for m in msgs if m.kind == nftnl.nft(nftnl.NFT_MSG_NEWTABLE))
+    attrs = nftnl.parse_attrs(table.payload[4:])
+    assert nftnl.attr_str(attrs[nftnl.NFTA_TABLE_NAME]) == "ctwatchd"
+    assert nftnl.attr_u32(attrs[nftnl.NFTA_TABLE_FLAGS]) == nftnl.NFT_TABLE_F_OWNER | nftnl.NFT_TABLE_F_DORMANT
+    assert nftnl.attr_u32(attrs.get(nftnl.NFTA_TABLE_OWNER)) is not None
