@@ -31,7 +31,8 @@ NPD = PACKAGING / "node-problem-detector/ctwatchd-monitor.json"
 K8S = PACKAGING / "kubernetes"
 DEPENDS = ("python3-pyudev", "python3-structlog", "python3-sdnotify", "kmod", "libudev1")
 # Config fields and the TOML key that sets each; `path` is not a key, `sysctls` is the [sysctl] table.
-FIELD_KEYS = {f.name: f.name for f in dataclasses.fields(configmod.Config)} | {"metrics_textfile": "textfile"}
+FIELD_KEYS = {f.name: f.name for f in dataclasses.fields(configmod.Config)} | {
+    "metrics_textfile": "textfile", "hold": "enabled", "hold_masquerade": "masquerade"}
 FIELD_KEYS.pop("path")
 FIELD_KEYS.pop("sysctls")
 SETTING = re.compile(r'^# ("?[A-Za-z][\w.-]*"? = .*)$')
@@ -97,7 +98,8 @@ def test_ctwatchd_8_documents_every_command_option_and_interface() -> None:
 def test_ctwatchd_toml_5_documents_every_key_with_its_default() -> None:
     """ctwatchd.toml(5) names every section and key, and the built-in default of each plain one."""
     text = (DOCS / "ctwatchd.toml.5.scd").read_text()
-    missing = [k for k in [*FIELD_KEYS.values(), "[watch]", "[sysctl]", "[restore]", "[daemon]", "[metrics]"]
+    missing = [k for k in [*FIELD_KEYS.values(), "[watch]", "[sysctl]", "[restore]", "[hold]", "[daemon]",
+                           "[metrics]"]
                if k not in text]
     assert missing == []
     defaults = configmod.DEFAULTS
