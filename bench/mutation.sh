@@ -14,6 +14,12 @@
 # covering test (hours on two cores). The unit tier only: tests/vm and tests/packaging never run.
 set -euo pipefail
 BUDGET=${1:-6}
+# MUTATE: the files to mutate (default the decision, config, runner, uevent and executor code), and
+# FIRST: one cheap mutant of them that step 1 runs while collecting coverage.
+MUTATE=${MUTATE:-ctwatchd/core.py ctwatchd/config.py ctwatchd/runner.py ctwatchd/uevents.py ctwatchd/executor.py}
+FIRST=${FIRST:-ctwatchd.core.x_kernel_version__mutmut_1}
+MUTATE_LIST=$(printf '"%s", ' $MUTATE)
+MUTATE_LIST=${MUTATE_LIST%, }
 MUTMUT_VERSION=3.8.1
 here=$(cd "$(dirname "$0")/.." && pwd)
 work=$here/.cache/mutation
@@ -30,12 +36,11 @@ if [ ! -x "$venv/bin/mutmut" ]; then
 fi
 "$venv/bin/python" -m pip install -q -e "${tree}[test]"
 cd "$tree"
-cat >> pyproject.toml <<'EOF'
+cat >> pyproject.toml <<EOF
 
 [tool.mutmut]
 source_paths = ["ctwatchd/"]
-only_mutate = ["ctwatchd/core.py", "ctwatchd/config.py", "ctwatchd/runner.py", "ctwatchd/uevents.py",
-               "ctwatchd/executor.py"]
+only_mutate = [$MUTATE_LIST]
 pytest_add_cli_args_test_selection = ["tests/unit"]
 pytest_add_cli_args = ["-p", "no:cacheprovider"]
 also_copy = ["systemd"]
@@ -46,7 +51,7 @@ EOF
 start=$(date +%s)
 # 1: generate the mutants, collect which tests cover which function (the whole unit tier, once) and
 #    test one cheap mutant. Tests spawning `python -m ctwatchd` run the mutated copy too (cwd mutants/).
-"$venv/bin/mutmut" run --max-children 1 "ctwatchd.core.x_kernel_version__mutmut_1" > "$work/run1.log" 2>&1 || true
+"$venv/bin/mutmut" run --max-children 1 "$FIRST" > "$work/run1.log" 2>&1 || true
 # 2: cap the per-function test selection, then run every mutant not yet tested.
 if [ "$BUDGET" != 0 ]; then
     "$venv/bin/python" bench/mutation_support.py cap "$BUDGET"
