@@ -16,7 +16,7 @@ set -euo pipefail
 BUDGET=${1:-6}
 # MUTATE: the files to mutate (default the decision, config, runner, uevent and executor code), and
 # FIRST: one cheap mutant of them that step 1 runs while collecting coverage.
-MUTATE=${MUTATE:-ctwatchd/core.py ctwatchd/config.py ctwatchd/runner.py ctwatchd/uevents.py ctwatchd/executor.py}
+export MUTATE=${MUTATE:-ctwatchd/core.py ctwatchd/config.py ctwatchd/runner.py ctwatchd/uevents.py ctwatchd/executor.py}
 FIRST=${FIRST:-ctwatchd.core.x_kernel_version__mutmut_1}
 MUTATE_LIST=$(printf '"%s", ' $MUTATE)
 MUTATE_LIST=${MUTATE_LIST%, }

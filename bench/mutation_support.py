@@ -16,11 +16,14 @@ mutants/ctwatchd/*.meta (timeouts count as detected).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
 
-FILES = ("core", "config", "runner", "uevents", "executor")
+# the mutated files, as bench/mutation.sh's MUTATE names them
+DEFAULT_FILES = "ctwatchd/core.py ctwatchd/config.py ctwatchd/runner.py ctwatchd/uevents.py ctwatchd/executor.py"
+FILES = tuple(Path(p).stem for p in os.environ.get("MUTATE", DEFAULT_FILES).split())
 MIN_TESTS = 3
 CONFTEST = '''"""Mutation runs only (bench/mutation.sh): the selected tests run fastest first."""
 import json
