@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from ctwatchd import __version__, core
 from ctwatchd.attribution import JOURNAL_TIMEOUT, Attributor, journal_argv
-from ctwatchd.config import JOURNALCTL_PATHS, Config, ConfigError
+from ctwatchd.config import JOURNALCTL_PATHS, Config, ConfigError, DockerMode
 from ctwatchd.core import CoreState
 from ctwatchd.executor import Executor
 from ctwatchd.hold import Hold
@@ -45,6 +45,9 @@ REFUSALS_EVERY = 30.0
 # journald may write an audit record a moment after its time: each query reaches this far back,
 # and what was already told is not told again.
 REFUSALS_LAG = 5.0
+# While no baseline of docker's rules is taken (docker not active yet: the unit starts before docker),
+# a healthy look tries again at most this often: one systemctl call.
+BASELINE_EVERY = 60.0
 
 
 class Daemon:
@@ -95,9 +98,12 @@ class Daemon:
         self.observation: Observation | None = None
         self.watched: tuple[str, ...] = cfg.modules  # desired + legacy, as of the last look
         self.reconciles = 0
+        self.next_baseline = 0.0  # monotonic: the next healthy look that may take docker's baseline
 
     def _executor(self) -> Executor:
-        return Executor(self.cfg, self.probe, Runner(tick=self._tick), self.log, clock=self.clock)
+        old = getattr(self, "executor", None)
+        return Executor(self.cfg, self.probe, Runner(tick=self._tick), self.log, clock=self.clock,
+                        docker_baseline=old.docker_baseline if old is not None else None)
 
     def _attributor(self) -> Attributor | None:
         if not self.cfg.attribution:
@@ -339,6 +345,7 @@ class Daemon:
         plan = decision.plan
         if not plan:
             self._keep_hold(look.observation)
+            self._docker_baseline(look.observation, now)
             self.keeper.save(self.state, self.last_status)
             return
         self.keeper.save(self.state, self.last_status)
@@ -370,6 +377,17 @@ class Daemon:
                            location="hold", retry_in=self.cfg.poll_interval)
             return
         self.reporter.hold(change)
+
+    def _docker_baseline(self, obs: Observation, now: float) -> None:
+        """docker = "if-needed" judges docker's rules against what they were while healthy: take that
+        once, at a look with every watched module in place and docker active (restarts retake it)."""
+        if (self.cfg.docker is not DockerMode.IF_NEEDED or not core.restarts_wanted(self.cfg)
+                or self.executor.docker_baseline is not None or now < self.next_baseline):
+            return
+        if not all(m.state.satisfied for name, m in obs.modules.items() if name in self.cfg.modules):
+            return
+        self.next_baseline = now + BASELINE_EVERY
+        self.executor.take_docker_baseline("while healthy")
 
     def _resume(self) -> None:
         resumed = self.inspector.resume(self.cfg, self.clock())

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ctwatchd.config import MODPROBE_PATHS, SYSTEMCTL_PATHS, Config, DockerMode
-from ctwatchd.docker import DOCKER_UNIT, DockerProbe
+from ctwatchd.docker import DOCKER_UNIT, Baseline, DockerProbe
 from ctwatchd.kernel import KernelProbe, tuning_path
 from ctwatchd.model import (
     AuditLog,
@@ -56,6 +56,24 @@ class Executor:
     log: AuditLog
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
+    # What traffic needed of docker's rules while healthy, or after docker's last restart: what
+    # "if-needed" judges against. The daemon keeps it across reloads.
+    docker_baseline: Baseline | None = None
+
+    def docker_probe(self) -> DockerProbe:
+        return DockerProbe(self.runner, systemctl=systemctl_path(self.cfg), iptables=self.cfg.iptables,
+                           root=self.probe.root)
+
+    def take_docker_baseline(self, taken: str) -> Baseline | None:
+        """Read docker's rules as the baseline, when docker is active and they can be read; never raises."""
+        try:
+            baseline = self.docker_probe().baseline(taken)
+        except Exception:  # a courtesy: the judgement falls back to docker's minimum
+            return None
+        if baseline is not None:
+            self.docker_baseline = baseline
+            self.log.info("docker.baseline", taken=taken, present=" ".join(sorted(baseline.present)) or None)
+        return baseline
 
     def execute(self, plan: RestorePlan) -> RestoreResult:
         start = self.clock()
@@ -173,9 +191,10 @@ class Executor:
 
     def _docker(self, mode: DockerMode) -> tuple[Outcome, str]:
         """The runbook's last step: restart docker so it sets its chains up again. With "if-needed" only
-        when its own rules are gone: without live-restore a restart stops every container."""
+        when what container traffic needs of its rules is gone: without live-restore a restart stops
+        every container."""
         systemctl = systemctl_path(self.cfg)
-        docker = DockerProbe(self.runner, systemctl=systemctl, iptables=self.cfg.iptables, root=self.probe.root)
+        docker = self.docker_probe()
         active = self.runner.run([systemctl, "is-active", "--quiet", DOCKER_UNIT], 10.0)
         if active.error or active.timed_out or active.interrupted:
             return self._completed(active)
@@ -185,24 +204,30 @@ class Executor:
                 f"is not active ({unit.active})" if unit.installed else "is not active"
             self._decided(mode, restart=False, reason=f"{DOCKER_UNIT} {why}")
             return Outcome.SKIPPED, f"{DOCKER_UNIT} {why}"
+        compared = None
         if mode is DockerMode.IF_NEEDED:
-            rules = docker.rules()
+            rules = docker.rules(self.docker_baseline)
             if rules.intact is None:
                 return Outcome.FAILED, f"cannot tell whether docker's iptables rules are intact: {rules.reason}"
+            compared = rules.compared or None
             if rules.intact:
-                self._decided(mode, restart=False, reason=rules.reason)
+                self._decided(mode, restart=False, reason=rules.reason, compared=compared)
                 return Outcome.SKIPPED, f"{rules.reason}: {DOCKER_UNIT} not restarted"
             reason = rules.reason
         else:
             reason = "if-active: restarted after every module reload"
-        self._decided(mode, restart=True, reason=reason)
+        self._decided(mode, restart=True, reason=reason, compared=compared)
         outcome, detail = self._completed(self.runner.run([systemctl, "try-restart", DOCKER_UNIT],
                                                           self.cfg.docker_timeout))
+        if outcome is Outcome.OK and mode is DockerMode.IF_NEEDED:
+            # What docker re-created is all a restart can give: the next fault is judged against it, so
+            # a chain it never re-creates cannot make every later repair restart it again.
+            self.take_docker_baseline("after docker's restart")
         return outcome, f"{detail} ({reason})"
 
-    def _decided(self, mode: DockerMode, *, restart: bool, reason: str) -> None:
+    def _decided(self, mode: DockerMode, *, restart: bool, reason: str, compared: str | None = None) -> None:
         """One record per decision, so `journalctl CTWATCHD_EVENT=docker.decision` answers "why (not)"."""
-        self.log.info("docker.decision", mode=mode.value, restart=restart, reason=reason)
+        self.log.info("docker.decision", mode=mode.value, restart=restart, reason=reason, compared=compared)
 
     @staticmethod
     def _completed(done: Completed) -> tuple[Outcome, str]:

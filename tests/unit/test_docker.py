@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from fakehost import FakeHost, executable
+from harness import Harness, cfg_for, events
 from structlog.testing import capture_logs
 
 from ctwatchd import config as configmod
 from ctwatchd.audit import get_logger
 from ctwatchd.config import Config, ConfigError, DockerMode
 from ctwatchd.core import CoreState, decide
-from ctwatchd.docker import DockerProbe, Unit, judge_iptables, parse_unit
+from ctwatchd.docker import NEEDS, Baseline, DockerProbe, Unit, judge_iptables, needs_present, parse_unit
 from ctwatchd.executor import Executor
 from ctwatchd.kernel import KernelProbe
 from ctwatchd.model import Outcome, StepKind
@@ -65,19 +68,73 @@ def flushed(dump: str) -> str:
 @pytest.mark.parametrize(("nat", "filter_", "intact", "reason"), [
     (NAT, FILTER, True, "rules intact"),
     (EMPTY_NAT, EMPTY_FILTER, False,
-     "DOCKER chain missing in table nat; DOCKER-USER chain missing in table filter"),  # nft flush ruleset
+     "DOCKER chain missing in table nat; DOCKER chain missing in table filter"),  # nft flush ruleset
     (flushed(NAT), flushed(FILTER), False,  # iptables -F: chains stay, jumps go
-     "no jump from PREROUTING to DOCKER in table nat; no jump from FORWARD to DOCKER-USER in table filter"),
+     "no jump from PREROUTING to DOCKER in table nat; no jump from FORWARD to DOCKER in table filter"),
     (EMPTY_NAT, FILTER, False, "DOCKER chain missing in table nat"),
-    (NAT, flushed(FILTER), False, "no jump from FORWARD to DOCKER-USER in table filter"),
+    (NAT, flushed(FILTER), False, "no jump from FORWARD to DOCKER in table filter"),
     (NAT.replace("-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER\n", ""), FILTER, False,
      "no jump from PREROUTING to DOCKER in table nat"),
 ], ids=["intact", "nft-flush", "iptables-F", "nat-gone", "filter-flushed", "prerouting-jump-gone"])
 def test_judge_iptables(nat: str, filter_: str, intact: bool, reason: str) -> None:
-    """docker's rules are intact only with the DOCKER chain reached from PREROUTING in nat and DOCKER-USER
-    reached from FORWARD in filter; the reason names what is missing."""
+    """Without a baseline, docker's rules are intact with the DOCKER chain reached from PREROUTING in nat
+    and from FORWARD in filter; the reason names what is missing, the chain rather than its jumps."""
     rules = judge_iptables(nat, filter_)
     assert (rules.intact, rules.reason) == (intact, reason)
+
+
+# After a live-restore restart with running containers, docker 20.10 re-creates DOCKER and its jumps but
+# not DOCKER-USER (moby/moby#48560): what the docker boot's `iptables -S` showed.
+FILTER_AFTER_RESTART = "".join(line + "\n" for line in FILTER.splitlines() if "DOCKER-USER" not in line)
+# docker 28: FORWARD reaches DOCKER through DOCKER-FORWARD.
+FILTER_28 = """\
+-P FORWARD DROP
+-N DOCKER
+-N DOCKER-FORWARD
+-N DOCKER-USER
+-A FORWARD -j DOCKER-USER
+-A FORWARD -j DOCKER-FORWARD
+-A DOCKER-FORWARD -o docker0 -j DOCKER
+"""
+
+
+def test_needs_present_names_what_traffic_uses() -> None:
+    """Chains, the jumps reaching them (through other chains too, and -g), and the published ports' DNAT."""
+    assert needs_present(NAT, FILTER) == frozenset(NEEDS)
+    assert needs_present(NAT, FILTER_28) == frozenset(NEEDS)
+    assert needs_present(NAT.replace("-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER", "-N HOP\n"
+                                     "-A PREROUTING -g HOP\n-A HOP -j DOCKER"), FILTER) == frozenset(NEEDS)
+    assert needs_present(NAT.replace("-j DNAT", "-j ACCEPT"), FILTER) == frozenset(NEEDS) - {"nat:DNAT"}
+    assert needs_present(flushed(NAT), flushed(FILTER)) == {"nat:DOCKER", "filter:DOCKER"}
+    assert needs_present(EMPTY_NAT, EMPTY_FILTER) == frozenset()
+
+
+def test_a_missing_docker_user_is_information_never_a_restart() -> None:
+    """The seen fault (issue: A -> B -> C): after docker's restart DOCKER-USER is gone for good; the next
+    br_netfilter reload finds everything traffic needs and says DOCKER-USER is absent, as information."""
+    baseline = Baseline(needs_present(NAT, FILTER_AFTER_RESTART), "after docker's restart")
+    for b in (None, baseline):
+        rules = judge_iptables(NAT, FILTER_AFTER_RESTART, b)
+        assert rules.intact is True
+        assert rules.reason.startswith("rules intact; DOCKER-USER absent in table filter (information only")
+    assert judge_iptables(NAT, FILTER).reason == "rules intact"
+
+
+def test_the_baseline_adds_what_traffic_used_to_what_is_needed() -> None:
+    """Published ports' DNAT and the OUTPUT jump are needed when the baseline had them: a flush of the
+    DOCKER chain alone (`iptables -t nat -F DOCKER`) then restarts; without them in the baseline it does
+    not, and the minimum is needed whatever the baseline."""
+    no_dnat = NAT.replace("-A DOCKER ! -i docker0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination "
+                          "172.17.0.2:80\n", "")
+    no_output = NAT.replace("-A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER\n", "")
+    healthy = Baseline(needs_present(NAT, FILTER), "while healthy")
+    assert judge_iptables(no_dnat, FILTER, healthy).reason == "no DNAT of published ports left in table nat"
+    assert judge_iptables(no_output, FILTER, healthy).reason == "no jump from OUTPUT to DOCKER in table nat"
+    assert judge_iptables(no_dnat, FILTER).intact and judge_iptables(no_output, FILTER).intact
+    empty = Baseline(frozenset(), "while healthy")
+    assert judge_iptables(EMPTY_NAT, FILTER, empty).reason == "DOCKER chain missing in table nat"
+    rules = judge_iptables(no_dnat, FILTER, healthy)
+    assert rules.compared == "the baseline taken while healthy: " + " ".join(sorted(NEEDS))
 
 
 def test_a_jump_is_read_from_the_j_option_not_from_any_word() -> None:
@@ -157,11 +214,13 @@ def test_if_needed_leaves_docker_alone_when_its_rules_are_intact(loaded: FakeHos
     assert detail == "rules intact (iptables): docker.service not restarted"
     assert not [c for c in tools.calls() if "try-restart" in c]
     assert decisions == [{"event": "docker.decision", "log_level": "info", "mode": "if-needed", "restart": False,
-                          "reason": "rules intact (iptables)"}]
+                          "reason": "rules intact (iptables)",
+                          "compared": "docker's minimum (no baseline yet): filter:DOCKER filter:FORWARD>DOCKER "
+                                      "nat:DOCKER nat:PREROUTING>DOCKER"}]
 
 
 @pytest.mark.parametrize(("nat", "filter_", "reason"), [
-    (EMPTY_NAT, EMPTY_FILTER, "DOCKER chain missing in table nat; DOCKER-USER chain missing in table filter"),
+    (EMPTY_NAT, EMPTY_FILTER, "DOCKER chain missing in table nat; DOCKER chain missing in table filter"),
     (flushed(NAT), FILTER, "no jump from PREROUTING to DOCKER in table nat"),
 ])
 def test_if_needed_restarts_docker_once_its_rules_are_gone(loaded: FakeHost, tmp_path: Path, nat: str,
@@ -171,8 +230,51 @@ def test_if_needed_restarts_docker_once_its_rules_are_gone(loaded: FakeHost, tmp
     tools.set_rules(nat, filter_)
     outcome, detail, decisions = restore(loaded, tools, DockerMode.IF_NEEDED)
     assert outcome is Outcome.OK and detail == f"systemctl exited 0 ({reason} (iptables))"
-    assert tools.calls()[-1] == "systemctl try-restart docker.service"
+    calls = tools.calls()
+    # after the restart, docker's rules are read again as the next fault's baseline
+    assert calls[-4:] == ["systemctl try-restart docker.service",
+                          "systemctl show -p LoadState -p ActiveState -p MainPID docker.service",
+                          "iptables -w 5 -t nat -S", "iptables -w 5 -t filter -S"]
     assert [d["restart"] for d in decisions] == [True] and decisions[0]["reason"] == f"{reason} (iptables)"
+
+
+def test_a_restart_that_did_what_it_could_is_not_repeated_for_what_docker_never_re_creates(
+        loaded: FakeHost, tmp_path: Path) -> None:
+    """Phases B and C of the docker boot: a clean-up flushed everything, docker's restart re-created all
+    but DOCKER-USER and one published port's DNAT; the baseline retaken after it makes the next
+    br_netfilter reload a "rules intact" skip, not another restart that could not help either."""
+    tools = Tools(tmp_path)
+    cfg = Config(modprobe=str(loaded.modprobe), docker=DockerMode.IF_NEEDED, systemctl=str(tools.systemctl),
+                 iptables=str(tools.iptables))
+    probe = KernelProbe(loaded.root)
+    healthy = needs_present(NAT, FILTER)
+    executor = Executor(cfg, probe, Runner(), get_logger(),
+                        docker_baseline=Baseline(healthy, "while healthy"))
+    after_restart = NAT.replace("-j DNAT", "-j ACCEPT")
+
+    def fault() -> list[dict[str, object]]:
+        loaded.unload("br_netfilter")
+        obs = probe.observe(probe.facts(), cfg.modules, [k for k, _ in cfg.sysctls])
+        with capture_logs() as logs:
+            executor.execute(decide(cfg, CoreState(), obs, 0).plan)
+        return [dict(e) for e in logs if e["event"] in ("docker.decision", "docker.baseline")]
+
+    tools.set_rules(EMPTY_NAT, EMPTY_FILTER)  # B: the clean-up; docker's restart (the fake) re-creates...
+    (tools.dir / "systemctl").write_text((tools.dir / "systemctl").read_text().replace(
+        "try-restart) exit 0 ;;", f"try-restart) cp {tools.dir}/nat.after {tools.nat}; "
+                                  f"cp {tools.dir}/filter.after {tools.filter}; exit 0 ;;"))
+    (tools.dir / "nat.after").write_text(after_restart)
+    (tools.dir / "filter.after").write_text(FILTER_AFTER_RESTART)
+    b = fault()
+    assert [(e["event"], e.get("restart")) for e in b] == [("docker.decision", True), ("docker.baseline", None)]
+    assert str(b[0]["compared"]).startswith("the baseline taken while healthy: ")
+    assert b[1]["taken"] == "after docker's restart" and "nat:DNAT" not in str(b[1]["present"])
+    assert executor.docker_baseline is not None and executor.docker_baseline.present == healthy - {"nat:DNAT"}
+    c = fault()  # C: br_netfilter again, docker's rules as its restart left them
+    assert [(e["event"], e.get("restart")) for e in c] == [("docker.decision", False)]
+    assert str(c[0]["reason"]).startswith("rules intact; DOCKER-USER absent in table filter")
+    assert str(c[0]["compared"]).startswith("the baseline taken after docker's restart: ")
+    assert sum("try-restart" in call for call in tools.calls()) == 1
 
 
 def test_if_needed_without_a_verdict_on_the_rules_fails_instead_of_guessing(loaded: FakeHost, tmp_path: Path) -> None:
@@ -318,3 +420,35 @@ def test_plan_names_the_docker_condition(loaded: FakeHost) -> None:
     plan = decide(cfg, CoreState(), probe.observe(probe.facts(), cfg.modules, [k for k, _ in cfg.sysctls]), 0).plan
     assert plan.steps[-1].describe() == \
         "systemctl try-restart docker.service, if it is active and its iptables rules are gone"
+
+
+# -- the daemon takes the baseline --------------------------------------------------------------------
+
+@pytest.mark.parametrize("active", [True, False])
+def test_the_daemon_takes_the_baseline_once_while_healthy_and_keeps_it_across_a_reload(
+        h: Harness, tmp_path: Path, active: bool) -> None:
+    """The first healthy look with docker active takes the baseline; a reload keeps it (the executor
+    is new, the baseline is not). Docker not active yet (the unit starts before it): one systemctl
+    call, no iptables, and no more tries within BASELINE_EVERY."""
+    tools = Tools(tmp_path, active=active)
+    cfg = replace(cfg_for(h.host), docker=DockerMode.IF_NEEDED, systemctl=str(tools.systemctl),
+                  iptables=str(tools.iptables))
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        n = len(h.read_notify())
+        os.kill(os.getpid(), signal.SIGHUP)
+        h.wait_notify("READY=1", after=n + 1)
+
+    d = h.daemon(cfg)
+    code, logs = h.run(d, driver)
+    assert code == 0
+    taken = events(logs, "docker.baseline")
+    if active:
+        assert [e["taken"] for e in taken] == ["while healthy"]
+        assert taken[0]["present"] == " ".join(sorted(NEEDS))
+        assert d.executor.docker_baseline is not None and d.executor.docker_baseline.present == frozenset(NEEDS)
+        assert sum(c.startswith("iptables") for c in tools.calls()) == 2
+    else:
+        assert taken == [] and d.executor.docker_baseline is None
+        assert tools.calls() == ["systemctl show -p LoadState -p ActiveState -p MainPID docker.service"]

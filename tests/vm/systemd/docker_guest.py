@@ -171,9 +171,10 @@ def scenario_boot_order() -> None:
     r["live"] = {m: initstate(m) for m in FAMILY}
 
 
-def scenario_bridged() -> None:
+def scenario_bridged(key: str = "bridged") -> None:
     """1. Published port reached through the docker0 gateway (hairpin DNAT on the bridge)."""
-    r: dict[str, Any] = out.setdefault("bridged", {})
+    r: dict[str, Any] = out.setdefault(key, {})
+    r["docker_user"] = sh("iptables", "-S", "DOCKER-USER").returncode  # 0: the chain is there
     url = f"http://{GATEWAY}:{PUBLISHED}/"
     r["before"] = fetch_from("client", url)
     pid0 = docker_pid()
@@ -187,7 +188,7 @@ def scenario_bridged() -> None:
     r["unload_to_traffic_s"] = round(time.monotonic() - t0, 2)
     time.sleep(2)
     r["docker_pid_same"] = docker_pid() == pid0
-    r["decisions"] = [{k: e.get(f"CTWATCHD_{k.upper()}") for k in ("mode", "restart", "reason")}
+    r["decisions"] = [{k: e.get(f"CTWATCHD_{k.upper()}") for k in ("mode", "restart", "reason", "compared")}
                       for e in journal("docker.decision", since)]
 
 
@@ -218,6 +219,14 @@ def scenario_isolation() -> None:
 def scenario_firewall_cleanup() -> None:
     """2. A firewall clean-up: ruleset flushed, the conntrack family unloaded holders first, in one go."""
     firewall_cleanup(out.setdefault("cleanup", {}))
+
+
+def scenario_bridged_after_cleanup() -> None:
+    """2a. br_netfilter again, after the clean-up's docker restart: docker 20.10 with live-restore and
+    running containers never re-creates DOCKER-USER, and that must not restart docker again."""
+    scenario_bridged("bridged_after_cleanup")
+    r = out["bridged_after_cleanup"]
+    r["baselines"] = [e.get("CTWATCHD_TAKEN") for e in journal("docker.baseline", "@0")]
 
 
 def scenario_cleanup_with_the_hold() -> None:
@@ -263,7 +272,7 @@ def firewall_cleanup(r: dict[str, Any]) -> None:
     r["after_container"] = fetch_from("client", url)
     r["web_pid_same"] = container_pid("web") == web0 and web0 not in ("", "0")
     r["docker_pid_changed"] = docker_pid() != docker0
-    r["decisions"] = [{k: e.get(f"CTWATCHD_{k.upper()}") for k in ("mode", "restart", "reason")}
+    r["decisions"] = [{k: e.get(f"CTWATCHD_{k.upper()}") for k in ("mode", "restart", "reason", "compared")}
                       for e in journal("docker.decision", since)]
     r["live"] = {m: initstate(m) for m in FAMILY}
     r["same_instance"] = {m: _instance(m) == instances[m] for m in FAMILY}
@@ -303,7 +312,7 @@ def removal_decision(label: str) -> dict[str, Any]:
     time.sleep(2)
     decisions = journal("docker.decision", since)
     return {"label": label, "pid_changed": docker_pid() != pid0,
-            "decisions": [{k: e.get(f"CTWATCHD_{k.upper()}") for k in ("mode", "restart", "reason")}
+            "decisions": [{k: e.get(f"CTWATCHD_{k.upper()}") for k in ("mode", "restart", "reason", "compared")}
                           for e in decisions],
             "steps": [e.get("CTWATCHD_DETAIL") for e in journal("restore.step", since)
                       if e.get("ACTION") == "restart-docker"]}
@@ -359,6 +368,7 @@ def main() -> int:
     failed = 0
     for name, step in (("boot", scenario_boot_order), ("setup", setup), ("bridged", scenario_bridged),
                        ("isolation", scenario_isolation), ("cleanup", scenario_firewall_cleanup),
+                       ("bridged_after_cleanup", scenario_bridged_after_cleanup),
                        ("cleanup_hold", scenario_cleanup_with_the_hold), ("modes", scenario_if_active_and_absent)):
         t0 = time.monotonic()
         try:

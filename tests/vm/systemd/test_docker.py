@@ -222,6 +222,22 @@ def test_firewall_cleanup_restarts_docker_once_and_containers_survive(docker: di
     assert set(r["live"].values()) == {"live"} and r["bridge_sysctl"] == "1"
 
 
+def test_after_the_cleanups_restart_br_netfilter_comes_back_without_restarting_docker(
+        docker: dict[str, Any]) -> None:
+    """2a. The issue's phase C: after the clean-up's restart DOCKER-USER is gone for good (docker 20.10,
+    live-restore, running containers); the next rmmod br_netfilter is judged against the baseline
+    retaken after that restart, so traffic comes back and docker keeps its MainPID."""
+    r = no_errors(docker, "bridged_after_cleanup")
+    print(f"\nphase C: DOCKER-USER listed rc {r['docker_user']}, traffic back {r['unload_to_traffic_s']} s, "
+          f"decision {r['decisions']}, baselines {r['baselines']}")
+    assert docker["bridged"]["docker_user"] == 0 and r["docker_user"] != 0, "DOCKER-USER should be gone after B"
+    assert r["before"] and r["rmmod"] == 0 and not r["during"] and r["back_after_s"] is not None
+    assert r["docker_pid_same"]
+    assert len(r["decisions"]) == 1 and r["decisions"][0]["restart"] == "False", r["decisions"]
+    assert r["decisions"][0]["reason"].startswith("rules intact; DOCKER-USER absent in table filter")
+    assert "after docker's restart" in r["baselines"]
+
+
 def test_with_the_hold_a_cleanup_takes_only_br_netfilter_and_keeps_the_conntrack_entries(
         docker: dict[str, Any]) -> None:
     """2b. The same clean-up with the hold on: nf_conntrack and nf_nat refuse to go (the same modules
