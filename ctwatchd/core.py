@@ -499,6 +499,8 @@ def _restarts_owed(state: CoreState, result: RestoreResult) -> bool:
     kinds = (StepKind.RESTART_DOCKER, StepKind.RUN_HOOK)
     restart_steps = [r for r in result.results if r.step.kind in kinds]
     loaded = any(r.step.kind is StepKind.LOAD_MODULE and r.outcome is Outcome.OK for r in result.results)
+    if any(r.deferred for r in restart_steps):
+        return True  # left for after READY (docker's start job waits for ctwatchd's): still owed
     if restart_steps:
         # All ran (SKIPPED here is docker found inactive) and nothing failed: paid; anything else: owed.
         return not (result.failed is None and all(r.outcome in (Outcome.OK, Outcome.SKIPPED) for r in restart_steps))

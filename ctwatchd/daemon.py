@@ -103,7 +103,8 @@ class Daemon:
     def _executor(self) -> Executor:
         old = getattr(self, "executor", None)
         return Executor(self.cfg, self.probe, Runner(tick=self._tick), self.log, clock=self.clock,
-                        docker_baseline=old.docker_baseline if old is not None else None)
+                        docker_baseline=old.docker_baseline if old is not None else None,
+                        defer_restarts=not getattr(self, "ready", False))
 
     def _attributor(self) -> Attributor | None:
         if not self.cfg.attribution:
@@ -143,6 +144,7 @@ class Daemon:
                     break
                 self.reconcile()
             self.ready = True
+            self.executor.defer_restarts = False
             self.notifier.ready(self.last_status)
             self.log.info("daemon.ready", status=self.last_status)
             self._ping_watchdog()
@@ -360,6 +362,8 @@ class Daemon:
         self._keep_hold(look.observation)  # after the restore: re-creating a lost hold needs the modules back
         self.keeper.save(self.state, self.last_status)
         self.hint = "verify"  # read the kernel again now: confirm, and catch what changed meanwhile
+        if any(r.deferred for r in result.results):
+            self.hint = "ready"  # docker/hooks owed: the first look after READY runs them, not the start-up loop
         if self.signals.stop_requested():
             self.hint = None
 

@@ -31,6 +31,9 @@ from ctwatchd.model import (
 from ctwatchd.runner import Completed, Runner
 
 LIVE_WAIT = 2.0  # modprobe returns after init; allow a little for initstate to read "live"
+DEFERRED_DOCKER = ("deferred until ctwatchd is ready: the unit is Before=docker.service, so docker's start "
+                   "job would wait for ctwatchd's own start")
+DEFERRED_HOOK = "deferred with docker's restart: runs after it, once ctwatchd is ready"
 
 
 def first_existing(candidates: tuple[str, ...]) -> str:
@@ -59,6 +62,9 @@ class Executor:
     # What traffic needed of docker's rules while healthy, or after docker's last restart: what
     # "if-needed" judges against. The daemon keeps it across reloads.
     docker_baseline: Baseline | None = None
+    # Until READY: a docker restart, and the hooks after it, are left owed for the first look after it
+    # (a try-restart now would deadlock on the ordering until docker_timeout).
+    defer_restarts: bool = False
 
     def docker_probe(self) -> DockerProbe:
         return DockerProbe(self.runner, systemctl=systemctl_path(self.cfg), iptables=self.cfg.iptables,
@@ -79,12 +85,21 @@ class Executor:
         start = self.clock()
         results: list[StepResult] = []
         stopped: StepResult | None = None
+        deferring = False
         for step in plan.steps:
             if stopped is not None:
                 results.append(StepResult(step, Outcome.SKIPPED, 0.0, f"not run: {_name(stopped.step)} "
                                                                       f"{stopped.outcome.value}"))
                 continue
             t0 = self.clock()
+            if step.kind is StepKind.RESTART_DOCKER and self.defer_restarts and self._docker_active():
+                deferring = True
+            if deferring and step.kind in (StepKind.RESTART_DOCKER, StepKind.RUN_HOOK):
+                detail = DEFERRED_DOCKER if step.kind is StepKind.RESTART_DOCKER else DEFERRED_HOOK
+                result = StepResult(step, Outcome.SKIPPED, 0.0, detail, deferred=True)
+                results.append(result)
+                self._audit(result, t0)
+                continue
             dropped: tuple[str, ...] = ()
             try:
                 if step.kind is StepKind.RESTORE_TUNING:
@@ -188,6 +203,10 @@ class Executor:
         tail = f"; dropped from the snapshot: {', '.join(dropped)}" if dropped else ""
         return Outcome.OK, f"{written - len(dropped)} written and read back, " \
                            f"{len(pairs) - written} already set{tail}", tuple(dropped)
+
+    def _docker_active(self) -> bool:
+        done = self.runner.run([systemctl_path(self.cfg), "is-active", "--quiet", DOCKER_UNIT], 10.0)
+        return done.ok
 
     def _docker(self, mode: DockerMode) -> tuple[Outcome, str]:
         """The runbook's last step: restart docker so it sets its chains up again. With "if-needed" only

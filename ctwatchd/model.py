@@ -242,6 +242,7 @@ class StepResult:
     duration_ms: float
     detail: str = ""
     dropped: tuple[str, ...] = ()  # snapshot keys the reloaded module does not have or refuses
+    deferred: bool = False  # docker/hooks left for after READY: still owed
 
 
 @dataclass(frozen=True)

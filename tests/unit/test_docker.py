@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -452,3 +453,43 @@ def test_the_daemon_takes_the_baseline_once_while_healthy_and_keeps_it_across_a_
     else:
         assert taken == [] and d.executor.docker_baseline is None
         assert tools.calls() == ["systemctl show -p LoadState -p ActiveState -p MainPID docker.service"]
+
+
+@pytest.mark.parametrize("active", [True, False])
+def test_a_start_up_restore_never_waits_on_docker_before_ready(h: Harness, tmp_path: Path, active: bool) -> None:
+    """The unit is Before=docker.service: a try-restart before READY would wait on a docker start job
+    that waits on ctwatchd's. So the start-up restore leaves an active docker's restart, and the hooks
+    after it, owed; the first look after READY makes the one decision and restarts it, then the hook.
+    An inactive docker is a plain skip before READY, nothing owed."""
+    tools = Tools(tmp_path, active=active)
+    hook = executable(tmp_path / "hook", f"#!/bin/sh\necho hook >> {tools.log}\n")
+    cfg = replace(cfg_for(h.host), docker=DockerMode.IF_ACTIVE, systemctl=str(tools.systemctl),
+                  iptables=str(tools.iptables), hooks=((str(hook),),))
+    h.host.unload("br_netfilter")
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        if active:
+            h.wait_for(lambda: "hook" in tools.calls())
+        time.sleep(0.3)
+
+    d = h.daemon(cfg)
+    code, logs = h.run(d, driver)
+    assert code == 0
+    order = [(e["event"], e.get("action"), e.get("result"), e.get("restart")) for e in logs
+             if e["event"] in ("daemon.ready", "docker.decision")
+             or (e["event"] == "restore.step" and e.get("action") in ("restart-docker", "run-hook"))]
+    if active:
+        assert order == [("restore.step", "restart-docker", "skipped", None),
+                         ("restore.step", "run-hook", "skipped", None), ("daemon.ready", None, None, None),
+                         ("docker.decision", None, None, True),
+                         ("restore.step", "restart-docker", "ok", None), ("restore.step", "run-hook", "ok", None)]
+        deferred = next(e for e in events(logs, "restore.step") if e.get("action") == "restart-docker")
+        assert str(deferred["detail"]).startswith("deferred until ctwatchd is ready")
+        calls = tools.calls()
+        assert calls.index("systemctl try-restart docker.service") < calls.index("hook")
+        assert calls.count("systemctl try-restart docker.service") == 1
+    else:
+        assert order == [("docker.decision", None, None, False), ("restore.step", "restart-docker", "skipped", None),
+                         ("restore.step", "run-hook", "ok", None), ("daemon.ready", None, None, None)]
+    assert not d.state.restarts_owed

@@ -318,12 +318,35 @@ def removal_decision(label: str) -> dict[str, Any]:
                       if e.get("ACTION") == "restart-docker"]}
 
 
+def startup_with_docker_active() -> dict[str, Any]:
+    """ctwatchd started with br_netfilter gone and docker active (a crash restart, an admin's stop and
+    start): its start-up restore must not wait on a docker restart whose start waits on ctwatchd."""
+    must("systemctl", "stop", "ctwatchd.service")
+    pid0 = docker_pid()
+    sh("rmmod", "br_netfilter")
+    since = now_stamp()
+    t0 = time.monotonic()
+    started = sh("systemctl", "start", "ctwatchd.service", timeout=300)
+    start_s = round(time.monotonic() - t0, 2)
+    restarted = wait_for(lambda: docker_pid() not in (pid0, "", "0") and prop("docker.service", "ActiveState")
+                         == "active" and bool(journal("restore.finished", since)), 180)
+    time.sleep(2)
+    return {"start_rc": started.returncode, "start_err": started.stderr[-500:], "start_s": start_s,
+            "docker_restarted_after_start_s": restarted, "br_netfilter": initstate("br_netfilter"),
+            "docker_state": prop("docker.service", "ActiveState"),
+            "decisions": [{k: e.get(f"CTWATCHD_{k.upper()}") for k in ("mode", "restart", "reason")}
+                          for e in journal("docker.decision", since)],
+            "steps": [(e.get("RESULT"), e.get("CTWATCHD_DETAIL")) for e in journal("restore.step", since)
+                      if e.get("ACTION") == "restart-docker"]}
+
+
 def scenario_if_active_and_absent() -> None:
     """5. if-active restarts after a reload when docker is active; a host without docker: a clear skip."""
     r: dict[str, Any] = out.setdefault("modes", {})
     base = Path("/etc/ctwatchd/ctwatchd.toml").read_text()
     reload_config(base.replace('docker = "if-needed"', 'docker = "if-active"'))
     r["active"] = removal_decision("if-active, docker active")
+    r["startup"] = startup_with_docker_active()
     must("systemctl", "stop", "docker.service", "docker.socket")
     r["stopped"] = removal_decision("if-active, docker stopped")
     HIDDEN.mkdir(exist_ok=True)

@@ -40,8 +40,9 @@ poll_interval = 2.0
 
 [restore]
 docker = "if-needed"
-# Two clean-ups (hold off, then on) and the modes scenario restart docker up to five times in the boot.
-max_restarts = 8
+# Two clean-ups (hold off, then on) and the modes scenario (start-up included) restart docker up to
+# six times in the boot.
+max_restarts = 10
 
 [hold]
 enabled = false
@@ -270,6 +271,23 @@ def test_if_active_still_restarts_and_no_docker_is_a_clear_skip(docker: dict[str
     assert [d["reason"] for d in absent["decisions"]] == ["docker.service is not installed"]
     assert absent["steps"] == ["docker.service is not installed"]
     assert r["ctwatchd_state"] == "active"
+
+
+def test_a_start_up_restore_does_not_wait_on_docker_and_restarts_it_after_ready(docker: dict[str, Any]) -> None:
+    """5b. `systemctl stop ctwatchd; rmmod br_netfilter; systemctl start ctwatchd` with docker = "if-active"
+    and docker active: the unit is Before=docker.service, so a try-restart inside the start-up restore
+    would wait for a docker start job that waits for ctwatchd's own start, until docker_timeout (120 s).
+    The start returns within seconds; docker is restarted right after READY, one decision."""
+    s = no_errors(docker, "modes")["startup"]
+    print(f"\nstart-up with docker active: systemctl start {s['start_s']} s, docker restarted "
+          f"{s['docker_restarted_after_start_s']} s after it; steps {s['steps']}")
+    assert s["start_rc"] == 0, s["start_err"]
+    assert s["start_s"] < 60, s
+    assert s["docker_restarted_after_start_s"] is not None and s["docker_state"] == "active", s
+    assert s["br_netfilter"] == "live"
+    assert [d["restart"] for d in s["decisions"]] == ["True"], s["decisions"]
+    assert [r for r, _ in s["steps"]] == ["skipped", "ok"], s["steps"]
+    assert s["steps"][0][1].startswith("deferred until ctwatchd is ready")
 
 
 # -- the DaemonSet's shape (daemonset_guest.py, same boot) ---------------------------------------------
