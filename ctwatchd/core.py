@@ -45,6 +45,10 @@ FORGET_AFTER = 30.0
 TRANSIENT_GRACE = 10.0
 # How soon to look again while a module is coming or going (the remove uevent comes while it is going).
 TRANSIENT_RECHECK = 0.05
+# A clean-up rmmods one module after another: plan once the removals have been quiet this long (one
+# plan, one docker decision per fault), within TRANSIENT_GRACE of the first, so a stream of them
+# cannot postpone the repair for ever.
+REMOVALS_QUIET = 0.3
 # Sysctl files that exist only while their module is loaded: a missing one can appear only with that load.
 SYSCTL_OWNERS = (("net.bridge.", BR_NETFILTER), ("net.netfilter.nf_conntrack_", CONNTRACK))
 # A sysctl restore that succeeds but is needed again at once, this many times in a row with no look in
@@ -250,6 +254,7 @@ class CoreState:
     base_instances: Mapping[str, int] = field(default_factory=dict)
     gone_since: Mapping[str, float] = field(default_factory=dict)  # remembered dependents absent, bases not
     dropped: tuple[str, ...] = ()  # snapshot keys dropped by the last decide/record, for the audit
+    removals: tuple[float, float] | None = None  # first and last removal uevent of the burst in progress
 
 
 @dataclass(frozen=True)
@@ -366,6 +371,25 @@ def _transients(state: CoreState, obs: Observation, names: Sequence[str], now: f
     return replace(state, transient_since=since) if since != state.transient_since else state
 
 
+def removal_seen(state: CoreState, now: float) -> CoreState:
+    """A watched module or a remembered dependent was removed: a burst begins or goes on."""
+    first = state.removals[0] if state.removals is not None and now - state.removals[1] < TRANSIENT_GRACE else now
+    return replace(state, removals=(first, now))
+
+
+def _waiting(state: CoreState, now: float) -> tuple[str, float] | None:
+    """Why not to plan yet, and when to look again: a module in the middle of loading or unloading
+    (modprobe now would race it), or removals still arriving."""
+    busy = [n for n, t in state.transient_since.items() if now - t < TRANSIENT_GRACE]
+    if busy:
+        return f"waiting for {', '.join(busy)}", now + TRANSIENT_RECHECK
+    if state.removals is not None:
+        first, last = state.removals
+        if now - last < REMOVALS_QUIET and now - first < TRANSIENT_GRACE:
+            return "waiting: removals still arriving", min(last + REMOVALS_QUIET, first + TRANSIENT_GRACE)
+    return None
+
+
 def decide(cfg: Config, state: CoreState, obs: Observation, now: float) -> Decision:
     """Turn one observation into the ordered plan that brings the host back to the desired state."""
     names = effective_modules(cfg.modules, obs)
@@ -374,11 +398,11 @@ def decide(cfg: Config, state: CoreState, obs: Observation, now: float) -> Decis
     state = _transients(_snapshot(cfg, state, obs), obs, names, now)
     health = assess(cfg, obs, state, now)
 
-    busy = [n for n, t in state.transient_since.items() if now - t < TRANSIENT_GRACE]
-    if busy:
-        # A module in the middle of loading or unloading: modprobe now would race it. Look again soon.
-        return Decision(state, RestorePlan((), f"waiting for {', '.join(busy)}"), now + TRANSIENT_RECHECK,
-                        health)
+    waiting = _waiting(state, now)
+    if waiting is not None:
+        return Decision(state, RestorePlan((), waiting[0]), waiting[1], health)
+    if state.removals is not None:
+        state = replace(state, removals=None)
     if state.retry_at is not None and now < state.retry_at:
         why = "backing off: the last restores did not hold" if state.unsettled else \
             "backing off after a failed restore"

@@ -250,6 +250,8 @@ class Daemon:
         if resync:
             self.hint = resync
         for ev in events:
+            if ev.action == "remove" and (ev.module in self.watched or ev.module in self.state.dependents):
+                self.state = core.removal_seen(self.state, self.clock())  # plan once they are quiet
             if ev.module in self.watched:
                 if ev.action == "remove" and self.attributor is not None:
                     self.attributor.removed(ev.module)  # first: the remover may be gone in milliseconds

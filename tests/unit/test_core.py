@@ -366,3 +366,35 @@ def test_restarts_held_back_by_the_breaker_run_once_it_closes() -> None:
     assert not decide(cfg, s, obs(), 50.0).plan  # breaker still open: nothing but waiting
     later = decide(cfg, s, obs(), 100.5)
     assert kinds(later.plan) == ["restart-docker"]
+
+
+def test_no_plan_while_removals_are_still_arriving_then_one_plan_for_all_of_them() -> None:
+    """A clean-up rmmods one module after another: no plan until the removals have been quiet for
+    REMOVALS_QUIET, then one plan with every module gone by then (one docker decision per fault)."""
+    s = core.removal_seen(CoreState(), 100.0)
+    d = decide(CFG, s, obs(nf_nat=A), 100.1)
+    assert (d.plan.steps, d.plan.reason) == ((), "waiting: removals still arriving")
+    assert d.wake_at == 100.0 + core.REMOVALS_QUIET
+    s = core.removal_seen(d.state, 100.2)
+    assert s.removals == (100.0, 100.2)
+    d = decide(CFG, s, obs(nf_nat=A, nf_conntrack=A), 100.2 + core.REMOVALS_QUIET - 0.01)
+    assert d.plan.steps == ()
+    d = decide(CFG, d.state, obs(nf_nat=A, nf_conntrack=A), 100.2 + core.REMOVALS_QUIET + 0.001)
+    assert kinds(d.plan)[:2] == ["load-module:nf_conntrack", "load-module:nf_nat"]
+    assert d.state.removals is None
+
+
+def test_a_stream_of_removals_postpones_the_repair_at_most_the_transient_grace() -> None:
+    """Removals every 0.2 s for ever: the plan comes TRANSIENT_GRACE after the first, not never; a
+    removal long after the last one starts a new burst."""
+    s, t = CoreState(), 0.0
+    while t < core.TRANSIENT_GRACE - 0.1:
+        s = core.removal_seen(s, t)
+        assert decide(CFG, s, obs(nf_nat=A), t + 0.05).plan.steps == ()
+        t += 0.2
+    s = core.removal_seen(s, core.TRANSIENT_GRACE)
+    assert s.removals is not None and s.removals[0] == 0.0
+    d = decide(CFG, s, obs(nf_nat=A), core.TRANSIENT_GRACE + 0.01)
+    assert kinds(d.plan)[0] == "load-module:nf_nat"
+    assert core.removal_seen(CoreState(removals=(0.0, 1.0)), 1.0 + core.TRANSIENT_GRACE).removals == \
+        (1.0 + core.TRANSIENT_GRACE,) * 2

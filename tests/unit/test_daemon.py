@@ -37,6 +37,24 @@ def test_start_loads_missing_modules_before_ready(host: FakeHost, tmp_path: Path
     assert [e["event"] for e in logs][-1] == "daemon.stopping"
 
 
+def test_a_clean_up_removing_one_module_after_another_gets_one_plan(h: Harness) -> None:
+    """br_netfilter, then nf_nat, then nf_conntrack, 0.15 s apart, as a clean-up script rmmods them:
+    one restore for all three, planned once the removals are quiet, not one per removal."""
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        for module in ("br_netfilter", "nf_nat", "nf_conntrack"):
+            h.host.unload(module)
+            h.monitor.send(f"remove {module}")
+            time.sleep(0.15)
+        h.wait_for(lambda: all(h.host.is_live(m) for m in ALL))
+        h.wait_notify("STATUS=healthy", after=len(h.messages))
+
+    _, logs = h.run(h.daemon(cfg_for(h.host)), driver)
+    planned = events(logs, "restore.planned")
+    assert [p["modules"] for p in planned] == ["nf_conntrack nf_nat br_netfilter"], planned
+
+
 def test_uevent_triggers_restore_with_full_audit_trail(h: Harness) -> None:
     """remove uevent -> re-read /sys -> plan -> steps -> finished, each one audit record."""
 
