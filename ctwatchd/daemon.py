@@ -46,8 +46,10 @@ REFUSALS_EVERY = 30.0
 # and what was already told is not told again.
 REFUSALS_LAG = 5.0
 # While no baseline of docker's rules is taken (docker not active yet: the unit starts before docker),
-# a healthy look tries again at most this often: one systemctl call.
+# a healthy look tries again at most this often: one systemctl call. Once taken, it is read again
+# this much later, so containers whose published ports went away since do not count as a loss.
 BASELINE_EVERY = 60.0
+BASELINE_REFRESH = 300.0
 
 
 class Daemon:
@@ -385,15 +387,16 @@ class Daemon:
         self.reporter.hold(change)
 
     def _docker_baseline(self, obs: Observation, now: float) -> None:
-        """docker = "if-needed" judges docker's rules against what they were while healthy: take that
-        once, at a look with every watched module in place and docker active (restarts retake it)."""
+        """docker = "if-needed" judges docker's rules against what they were while healthy: read them at
+        a look with every watched module in place and docker active, every BASELINE_REFRESH (restarts
+        retake it at once). A clean-up flushing rules before it unloads can shrink it only to MINIMUM."""
         if (self.cfg.docker is not DockerMode.IF_NEEDED or not core.restarts_wanted(self.cfg)
-                or self.executor.docker_baseline is not None or now < self.next_baseline):
+                or now < self.next_baseline):
             return
         if not all(m.state.satisfied for name, m in obs.modules.items() if name in self.cfg.modules):
             return
-        self.next_baseline = now + BASELINE_EVERY
-        self.executor.take_docker_baseline("while healthy")
+        taken = self.executor.take_docker_baseline("while healthy")
+        self.next_baseline = now + (BASELINE_EVERY if taken is None else BASELINE_REFRESH)
 
     def _resume(self) -> None:
         resumed = self.inspector.resume(self.cfg, self.clock())

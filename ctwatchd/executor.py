@@ -77,8 +77,9 @@ class Executor:
         except Exception:  # a courtesy: the judgement falls back to docker's minimum
             return None
         if baseline is not None:
-            self.docker_baseline = baseline
-            self.log.info("docker.baseline", taken=taken, present=" ".join(sorted(baseline.present)) or None)
+            before, self.docker_baseline = self.docker_baseline, baseline
+            if before is None or before.present != baseline.present:  # a refresh that changed nothing is quiet
+                self.log.info("docker.baseline", taken=taken, present=" ".join(sorted(baseline.present)) or None)
         return baseline
 
     def execute(self, plan: RestorePlan) -> RestoreResult:

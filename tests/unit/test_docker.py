@@ -28,7 +28,7 @@ from ctwatchd.core import CoreState, decide
 from ctwatchd.docker import NEEDS, Baseline, DockerProbe, Unit, judge_iptables, needs_present, parse_unit
 from ctwatchd.executor import Executor
 from ctwatchd.kernel import KernelProbe
-from ctwatchd.model import Outcome, StepKind
+from ctwatchd.model import Observation, Outcome, StepKind
 from ctwatchd.runner import Runner
 
 NAT = """\
@@ -493,3 +493,35 @@ def test_a_start_up_restore_never_waits_on_docker_before_ready(h: Harness, tmp_p
         assert order == [("docker.decision", None, None, False), ("restore.step", "restart-docker", "skipped", None),
                          ("restore.step", "run-hook", "ok", None), ("daemon.ready", None, None, None)]
     assert not d.state.restarts_owed
+
+
+def test_the_baseline_is_read_again_while_healthy_so_removed_containers_are_no_loss(
+        h: Harness, tmp_path: Path) -> None:
+    """Containers with published ports removed since the baseline: the next reading, BASELINE_REFRESH
+    later, drops their DNAT, so a br_netfilter reload after it does not restart docker for it. Never
+    read while a watched module is missing (the fault's rules are not a baseline)."""
+    from ctwatchd.daemon import BASELINE_REFRESH
+
+    tools = Tools(tmp_path)
+    cfg = replace(cfg_for(h.host), docker=DockerMode.IF_NEEDED, systemctl=str(tools.systemctl),
+                  iptables=str(tools.iptables))
+    d = h.daemon(cfg)
+    probe = KernelProbe(h.host.root)
+
+    def look() -> Observation:
+        return probe.observe(probe.facts(), cfg.modules, [k for k, _ in cfg.sysctls])
+
+    with capture_logs() as logs:
+        d._docker_baseline(look(), 1000.0)
+        tools.set_rules(NAT.replace("-j DNAT", "-j ACCEPT"), FILTER)
+        d._docker_baseline(look(), 1000.0 + BASELINE_REFRESH - 1)
+        assert d.executor.docker_baseline is not None and "nat:DNAT" in d.executor.docker_baseline.present
+        d._docker_baseline(look(), 1000.0 + BASELINE_REFRESH)
+        assert d.executor.docker_baseline is not None and "nat:DNAT" not in d.executor.docker_baseline.present
+        d._docker_baseline(look(), 1000.0 + 2 * BASELINE_REFRESH)  # the same again: no record
+        h.host.unload("br_netfilter")
+        tools.set_rules(EMPTY_NAT, EMPTY_FILTER)
+        d._docker_baseline(look(), 1000.0 + 3 * BASELINE_REFRESH)
+    assert d.executor.docker_baseline.present == frozenset(NEEDS) - {"nat:DNAT"}
+    assert [e["present"] for e in logs if e["event"] == "docker.baseline"] == [
+        " ".join(sorted(NEEDS)), " ".join(sorted(set(NEEDS) - {"nat:DNAT"}))]
