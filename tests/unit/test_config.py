@@ -34,6 +34,9 @@ def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
 
 def test_full_example_parses(tmp_path: Path) -> None:
     """Every documented key is accepted with its documented meaning."""
+    modprobe = tmp_path / "modprobe"  # the key must name an executable that exists, on any host
+    modprobe.write_text("#!/bin/sh\n")
+    modprobe.chmod(0o755)
     p = write(tmp_path, """
 [watch]
 modules = ["nf_conntrack", "nf-nat", "br_netfilter", "nf_conntrack"]
@@ -46,7 +49,7 @@ net.netfilter.nf_conntrack_max = 1048576
 [restore]
 docker = "if-active"
 hooks = [["/usr/bin/systemctl", "try-restart", "kube-proxy.service"]]
-modprobe = "/sbin/modprobe"
+modprobe = "MODPROBE"
 module_timeout = 5
 max_restarts = 2
 restart_window = 60
@@ -57,14 +60,14 @@ log_format = "json"
 
 [metrics]
 textfile = "/var/lib/node_exporter/ctwatchd.prom"
-""")
+""".replace("MODPROBE", str(modprobe)))
     cfg = config.load(p)
     assert cfg.modules == ("nf_conntrack", "nf_nat", "br_netfilter")
     assert cfg.poll_interval == 2.0
     assert cfg.sysctl_map == {"net.bridge.bridge-nf-call-iptables": "1", "net.netfilter.nf_conntrack_max": "1048576"}
     assert cfg.docker is DockerMode.IF_ACTIVE
     assert cfg.hooks == (("/usr/bin/systemctl", "try-restart", "kube-proxy.service"),)
-    assert cfg.modprobe == "/sbin/modprobe" and cfg.module_timeout == 5.0
+    assert cfg.modprobe == str(modprobe) and cfg.module_timeout == 5.0
     assert (cfg.max_restarts, cfg.restart_window) == (2, 60.0)
     assert cfg.state_file == Path("/run/x/state.json")
     assert cfg.metrics_textfile == Path("/var/lib/node_exporter/ctwatchd.prom")
