@@ -82,6 +82,9 @@ EVENTS: dict[str, EventType] = {
                                  "back after each module load; change that file to end the fight"),
     "docker.decision": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b1b",
                                  "docker ({mode}): restart={restart}: {reason}"),
+    "collateral.given_up": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b25",
+                                     "module {module} failed to load {tries} times after its watched modules "
+                                     "came back: no longer reloaded with them ({detail})"),
     "docker.baseline": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b24",
                                  "docker's rules that traffic needs, taken {taken}: {present}"),
     "module.removed": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b1d",

@@ -32,6 +32,7 @@ from ctwatchd.model import (
     RestoreResult,
     Step,
     StepKind,
+    StepResult,
     normalize_value,
 )
 from ctwatchd.state import SavedState
@@ -49,6 +50,10 @@ TRANSIENT_RECHECK = 0.05
 # plan, one docker decision per fault), within TRANSIENT_GRACE of the first, so a stream of them
 # cannot postpone the repair for ever.
 REMOVALS_QUIET = 0.3
+# A remembered dependent is a courtesy: its load runs after everything the watched modules need, and
+# one that keeps failing (its .ko gone, its modprobe refused) is retried with the backoff this many
+# times, then given up with one record; it never delays sysctls, tuning, docker, hooks or a later repair.
+COURTESY_TRIES = 3
 # Sysctl files that exist only while their module is loaded: a missing one can appear only with that load.
 SYSCTL_OWNERS = (("net.bridge.", BR_NETFILTER), ("net.netfilter.nf_conntrack_", CONNTRACK))
 # A sysctl restore that succeeds but is needed again at once, this many times in a row with no look in
@@ -255,6 +260,8 @@ class CoreState:
     gone_since: Mapping[str, float] = field(default_factory=dict)  # remembered dependents absent, bases not
     dropped: tuple[str, ...] = ()  # snapshot keys dropped by the last decide/record, for the audit
     removals: tuple[float, float] | None = None  # first and last removal uevent of the burst in progress
+    courtesy: Mapping[str, tuple[int, float]] = field(default_factory=dict)  # failed dependents: tries, retry at
+    given_up: tuple[str, ...] = ()  # dependents record() stopped reloading, for the audit
 
 
 @dataclass(frozen=True)
@@ -390,6 +397,12 @@ def _waiting(state: CoreState, now: float) -> tuple[str, float] | None:
     return None
 
 
+def _split_due(state: CoreState, due: Sequence[str], now: float) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The due dependents to load now, and those waiting for their retry after a failed load."""
+    pending = tuple(n for n in due if n in state.courtesy and now < state.courtesy[n][1])
+    return tuple(n for n in due if n not in pending), pending
+
+
 def decide(cfg: Config, state: CoreState, obs: Observation, now: float) -> Decision:
     """Turn one observation into the ordered plan that brings the host back to the desired state."""
     names = effective_modules(cfg.modules, obs)
@@ -409,12 +422,14 @@ def decide(cfg: Config, state: CoreState, obs: Observation, now: float) -> Decis
         return Decision(state, RestorePlan((), why), state.retry_at, health)
 
     blocked = {n for n, s in obs.modules.items() if s.state is ModuleState.BLOCKED}
-    due = collateral_due(cfg, state, obs)
+    # A dependent whose load failed waits for its own retry time (pending); until then it is still due
+    # for _learn, which would otherwise take the new bases as normal and forget the retry.
+    due, pending = _split_due(state, collateral_due(cfg, state, obs), now)
     # modprobe would pull a blocked dependency in along with its user: that is fighting the block too.
     to_load = [n for n in (*names, *due) if (s := obs.modules.get(n)) is not None
                and s.state is ModuleState.ABSENT and not blocked.intersection(obs.deps.get(n, ()))]
     to_load = list(dependency_order(to_load, obs.deps))
-    steps = [Step(StepKind.LOAD_MODULE, module=n) for n in to_load]
+    steps = [Step(StepKind.LOAD_MODULE, module=n) for n in to_load if n in names]
     if CONNTRACK in to_load:
         steps.append(Step(StepKind.VERIFY_CONNTRACK))
 
@@ -428,32 +443,41 @@ def decide(cfg: Config, state: CoreState, obs: Observation, now: float) -> Decis
     skipped = False
     # Docker and hooks follow a module load, and are owed until they have run after one: a failed hook,
     # or one the breaker held back, runs once the backoff or the breaker window lets it.
-    if (to_load or state.restarts_owed) and restarts_wanted(cfg):
+    # A dependent's load alone (a courtesy retry) breaks nothing docker or a hook would mend.
+    if (any(n in names for n in to_load) or state.restarts_owed) and restarts_wanted(cfg):
         if breaker_open(cfg, state, now):
             skipped = True
         else:
             if cfg.docker is not DockerMode.NEVER:
                 steps.append(Step(StepKind.RESTART_DOCKER, when=cfg.docker.value))
             steps.extend(Step(StepKind.RUN_HOOK, argv=argv) for argv in cfg.hooks)
+    # Last: a failing courtesy load stops nothing the watched modules need (the first failure stops the rest).
+    steps.extend(Step(StepKind.LOAD_MODULE, module=n) for n in to_load if n not in names)
 
-    if to_load:
-        own = [n for n in to_load if n not in due]
-        went_with = [n for n in to_load if n in due]
-        reason = "; ".join([*(["not loaded: " + ", ".join(own)] if own else []),
-                            *(["loaded with them before: " + ", ".join(went_with)] if went_with else [])])
-    elif writes or tuning:
-        reason = "sysctl drift: " + ", ".join(k for k, _ in (*writes, *tuning))
-    elif steps:
-        reason = "docker/hooks still owed after an earlier restore"
-    else:
-        reason = "healthy" if health.healthy else "nothing ctwatchd can do: " + "; ".join(health.problems)
+    reason = _reason(to_load, due, (*writes, *tuning), bool(steps), health)
     if not steps and state.unsettled:
         state = replace(state, unsettled=0)  # a look that needs nothing: whatever fought us has stopped
-    state = _learn(cfg, state, obs, health.healthy and not steps, due, now=now)
+    state = _learn(cfg, state, obs, health.healthy and not steps, (*due, *pending), now=now)
     settle = tuple(t for t in state.settle if t > now)
     if settle != state.settle:
         state = replace(state, settle=settle)
-    return Decision(state, RestorePlan(tuple(steps), reason, skipped), settle[0] if settle else None, health)
+    wake = min((*settle[:1], *(state.courtesy[n][1] for n in pending)), default=None)
+    return Decision(state, RestorePlan(tuple(steps), reason, skipped), wake, health)
+
+
+def _reason(to_load: Sequence[str], due: Sequence[str], writes: Sequence[tuple[str, str]], planned: bool,
+            health: Health) -> str:
+    """The plan's reason, for restore.planned and STATUS=."""
+    if to_load:
+        own = [n for n in to_load if n not in due]
+        went_with = [n for n in to_load if n in due]
+        return "; ".join([*(["not loaded: " + ", ".join(own)] if own else []),
+                          *(["loaded with them before: " + ", ".join(went_with)] if went_with else [])])
+    if writes:
+        return "sysctl drift: " + ", ".join(k for k, _ in writes)
+    if planned:
+        return "docker/hooks still owed after an earlier restore"
+    return "healthy" if health.healthy else "nothing ctwatchd can do: " + "; ".join(health.problems)
 
 
 def _sysctl_writes(cfg: Config, obs: Observation, *, loading: Sequence[str]) -> tuple[tuple[str, str], ...]:
@@ -498,13 +522,14 @@ def record(cfg: Config, state: CoreState, result: RestoreResult, now: float) -> 
            for r in result.results):
         restarts = (*restarts, now)
     owed = _restarts_owed(state, result)
+    state, own_failure = _courtesy(cfg, state, result, now)
     dropped = tuple(k for r in result.results for k in r.dropped)
     if any(r.step.kind is StepKind.LOAD_MODULE and r.outcome is Outcome.OK for r in result.results):
         state = replace(state, settle=tuple(now + d for d in SETTLE_AFTER))
     if dropped:
         state = replace(state, tuning={k: v for k, v in state.tuning.items() if k not in dropped},
                         dropped=state.dropped + dropped)
-    if result.ok:
+    if own_failure is None:
         # Only sysctl plans count: a module that is needed again was removed again, a new fault to
         # repair at once (verification and the restart breaker pace a remover that never stops).
         unsettled = 0 if result.plan.modules else state.unsettled + 1
@@ -518,6 +543,46 @@ def record(cfg: Config, state: CoreState, result: RestoreResult, now: float) -> 
     return replace(state, failures=failures, retry_at=now + delay, restarts=restarts, restarts_owed=owed)
 
 
+def _courtesy(cfg: Config, state: CoreState, result: RestoreResult,
+              now: float) -> tuple[CoreState, StepResult | None]:
+    """Book the dependents' loads: a failed one waits with its own backoff, and after COURTESY_TRIES is
+    given up (forgotten, told once). Returns the state and the first failure that was not a courtesy
+    load: only that one makes the restore a failure (backoff, breaker, STATUS)."""
+    courtesy = dict(state.courtesy)
+    dependents, gone_since = dict(state.dependents), dict(state.gone_since)
+    given_up: list[str] = []
+    own: StepResult | None = None
+    retry: float | None = None  # a courtesy load failed: the ones skipped after it wait as long
+    for r in result.results:
+        name = r.step.module
+        if r.step.kind is not StepKind.LOAD_MODULE or name is None or name not in state.dependents:
+            if own is None and r.outcome in (Outcome.FAILED, Outcome.INTERRUPTED):
+                own = r
+            continue
+        tries = courtesy.get(name, (0, now))[0]
+        if r.outcome is Outcome.OK:
+            courtesy.pop(name, None)
+        elif r.outcome is Outcome.FAILED:
+            tries += 1
+            retry = now + min(cfg.backoff_initial * 2 ** (tries - 1), cfg.backoff_max)
+            if tries >= COURTESY_TRIES:
+                courtesy.pop(name, None)
+                dependents.pop(name, None)
+                gone_since.pop(name, None)
+                given_up.append(name)
+            else:
+                courtesy[name] = (tries, retry)
+        elif r.outcome is Outcome.SKIPPED and retry is not None:
+            courtesy[name] = (tries, retry)  # most often it needs the one that failed: not at once
+        elif r.outcome is Outcome.INTERRUPTED and own is None:
+            own = r  # stopping: not the module's fault, and not a success either
+    if (courtesy, dependents, gone_since) != (dict(state.courtesy), dict(state.dependents), dict(state.gone_since)) \
+            or given_up:
+        state = replace(state, courtesy=courtesy, dependents=dependents, gone_since=gone_since,
+                        given_up=state.given_up + tuple(given_up))
+    return state, own
+
+
 def _restarts_owed(state: CoreState, result: RestoreResult) -> bool:
     """Are docker/hooks still to run after this restore?"""
     kinds = (StepKind.RESTART_DOCKER, StepKind.RUN_HOOK)
@@ -526,8 +591,12 @@ def _restarts_owed(state: CoreState, result: RestoreResult) -> bool:
     if any(r.deferred for r in restart_steps):
         return True  # left for after READY (docker's start job waits for ctwatchd's): still owed
     if restart_steps:
-        # All ran (SKIPPED here is docker found inactive) and nothing failed: paid; anything else: owed.
-        return not (result.failed is None and all(r.outcome in (Outcome.OK, Outcome.SKIPPED) for r in restart_steps))
+        # All ran (SKIPPED here is docker found inactive) and none failed: paid; anything else: owed. A
+        # failure after them (a courtesy load, last in the plan) does not undo what they did.
+        failed_at = next((i for i, r in enumerate(result.results)
+                          if r.outcome in (Outcome.FAILED, Outcome.INTERRUPTED)), len(result.results))
+        ran = failed_at > max(i for i, r in enumerate(result.results) if r.step.kind in kinds)
+        return not (ran and all(r.outcome in (Outcome.OK, Outcome.SKIPPED) for r in restart_steps))
     if loaded and result.plan.skipped_restarts:
         return True  # the breaker held them back
     return state.restarts_owed

@@ -362,7 +362,7 @@ class Daemon:
         self.state = core.record(self.cfg, self.state, result, self.clock())
         retry_in = round(self.state.retry_at - self.clock(), 2) if self.state.retry_at else None
         self.reporter.restored(result, self.state, retry_in=retry_in)
-        self.state = replace(self.state, dropped=())
+        self.state = replace(self.state, dropped=(), given_up=())
         self._keep_hold(look.observation)  # after the restore: re-creating a lost hold needs the modules back
         self.keeper.save(self.state, self.last_status)
         self.hint = "verify"  # read the kernel again now: confirm, and catch what changed meanwhile

@@ -112,6 +112,10 @@ class Reporter:
             retry_in=retry_in)
         if state.dropped:
             self.log.warning("tuning.dropped", keys=" ".join(state.dropped))
+        for name in state.given_up:
+            why = next((r.detail for r in reversed(result.results) if r.step.module == name and r.detail),
+                       "its modprobe failed")
+            self.log.warning("collateral.given_up", module=name, tries=core.COURTESY_TRIES, detail=why)
         if result.ok and state.unsettled >= core.UNSETTLED_AFTER:
             self.log.warning("restore.unsettled", count=state.unsettled, reason=plan.reason, retry_in=retry_in)
 

@@ -21,10 +21,19 @@ from harness import ALL, Harness, cfg_for, events
 
 from ctwatchd import config as configmod
 from ctwatchd import state as statefile
-from ctwatchd.config import Config
-from ctwatchd.core import FORGET_AFTER, CoreState, collateral_due, decide
+from ctwatchd.config import Config, DockerMode
+from ctwatchd.core import COURTESY_TRIES, FORGET_AFTER, CoreState, collateral_due, decide, record
 from ctwatchd.kernel import KernelProbe
-from ctwatchd.model import ModuleState, ModuleStatus, Observation
+from ctwatchd.model import (
+    ModuleState,
+    ModuleStatus,
+    Observation,
+    Outcome,
+    RestorePlan,
+    RestoreResult,
+    StepKind,
+    StepResult,
+)
 
 FTP = ("nf_conntrack_ftp", "nf_nat_ftp")
 HASHSIZE = "module.nf_conntrack.hashsize"
@@ -270,3 +279,121 @@ def test_state_file_refuses_a_hostile_dependents_table(tmp_path: object) -> None
                                  base_instances={"nf_conntrack": 5})
     statefile.save(path, saved)
     assert statefile.load(path) == replace(saved)
+
+
+# -- a dependent that cannot come back is a courtesy, never a block (docs/faults.md H27) ----------------
+GONE = dict.fromkeys((*ALL, *FTP), ModuleState.ABSENT)
+
+
+def executed(plan: RestorePlan, failing: str | None) -> RestoreResult:
+    """What the executor returns: each step ok until `failing`'s load fails; the steps after it skipped."""
+    results: list[StepResult] = []
+    for step in plan.steps:
+        if results and results[-1].outcome is not Outcome.OK:
+            results.append(StepResult(step, Outcome.SKIPPED, 0.0, "not run"))
+        elif failing is not None and step.module == failing:
+            results.append(StepResult(step, Outcome.FAILED, 1.0, f"modprobe: FATAL: Module {failing} not found"))
+        else:
+            results.append(StepResult(step, Outcome.OK, 1.0, ""))
+    return RestoreResult(plan, tuple(results), 1.0)
+
+
+def test_a_dependents_load_comes_after_everything_the_watched_modules_need() -> None:
+    """Watched loads, verify, sysctls, docker and hooks first; the remembered dependents last."""
+    cfg = Config(docker=DockerMode.IF_ACTIVE, hooks=(("/bin/true",),))
+    d = decide(cfg, learned(cfg), obs_with(GONE), 1.0)
+    kinds = [(s.kind, s.module) for s in d.plan.steps]
+    assert kinds[:3] == [(StepKind.LOAD_MODULE, m) for m in ALL]
+    assert kinds[-3:] == [(StepKind.RUN_HOOK, None), (StepKind.LOAD_MODULE, "nf_conntrack_ftp"),
+                          (StepKind.LOAD_MODULE, "nf_nat_ftp")]
+    assert (StepKind.WRITE_SYSCTLS, None) in kinds[3:-3] and (StepKind.RESTART_DOCKER, None) in kinds[3:-3]
+
+
+def test_a_failing_dependent_is_retried_with_its_own_backoff_then_given_up() -> None:
+    """Its failure is no failed restore (no backoff for the next fault, docker/hooks paid); it waits for
+    its own retry time, still due (not learned away); after COURTESY_TRIES it is forgotten, told once."""
+    cfg = Config(hooks=(("/bin/true",),), backoff_initial=1.0)
+    state, now = learned(cfg), 1.0
+    d = decide(cfg, state, obs_with(GONE), now)
+    state = record(cfg, d.state, executed(d.plan, "nf_conntrack_ftp"), now)
+    assert (state.failures, state.retry_at, state.restarts_owed) == (0, None, False)
+    # nf_nat_ftp, skipped after it (it needs it), waits as long, its own count untouched
+    assert dict(state.courtesy) == {"nf_conntrack_ftp": (1, 2.0), "nf_nat_ftp": (0, 2.0)} and state.given_up == ()
+    back = dict(LIVE, nf_conntrack_ftp=ModuleState.ABSENT, nf_nat_ftp=ModuleState.ABSENT)
+    new = {"nf_conntrack": 2, "nf_nat": 2, "br_netfilter": 2}
+    waiting = decide(cfg, state, obs_with(back, new, holders={}), 1.5)
+    assert not waiting.plan and waiting.wake_at == 2.0
+    assert set(waiting.state.dependents) == set(FTP)  # not learned away while it waits
+    tries = 1
+    state, now = waiting.state, 2.0
+    while True:
+        d = decide(cfg, state, obs_with(back, new, holders={}), now)
+        assert d.plan.modules == FTP and not any(s.kind is StepKind.RUN_HOOK for s in d.plan.steps)
+        state = record(cfg, d.state, executed(d.plan, "nf_conntrack_ftp"), now)
+        tries += 1
+        if tries == COURTESY_TRIES:
+            break
+        assert state.courtesy["nf_conntrack_ftp"] == (tries, now + 2 ** (tries - 1))
+        now = state.courtesy["nf_conntrack_ftp"][1]
+    assert state.given_up == ("nf_conntrack_ftp",) and "nf_conntrack_ftp" not in state.dependents
+    assert "nf_conntrack_ftp" not in state.courtesy and state.failures == 0
+    assert "nf_conntrack_ftp" not in decide(cfg, state, obs_with(back, new, holders={}), now + 100).plan.modules
+
+
+def test_a_dependent_that_loads_at_its_retry_is_forgiven() -> None:
+    """One failure, then a load that works: its count is cleared, nothing given up."""
+    cfg = Config()
+    d = decide(cfg, learned(cfg), obs_with(GONE), 1.0)
+    state = record(cfg, d.state, executed(d.plan, "nf_nat_ftp"), 1.0)
+    assert dict(state.courtesy) == {"nf_nat_ftp": (1, 2.0)}
+    back = dict(LIVE, nf_nat_ftp=ModuleState.ABSENT)
+    d = decide(cfg, state, obs_with(back, {"nf_conntrack": 2, "nf_nat": 2}, holders={}), 2.0)
+    assert d.plan.modules == ("nf_nat_ftp",)
+    assert dict(record(cfg, d.state, executed(d.plan, None), 2.0).courtesy) == {}
+
+
+def test_a_watched_modules_failure_is_still_a_failed_restore() -> None:
+    """The courtesy rule is for dependents only: nf_nat failing backs off and leaves docker/hooks owed."""
+    cfg = Config(hooks=(("/bin/true",),))
+    d = decide(cfg, learned(cfg), obs_with(GONE), 1.0)
+    state = record(cfg, d.state, executed(d.plan, "nf_nat"), 1.0)
+    assert state.failures == 1 and state.retry_at == 2.0 and state.restarts_owed and dict(state.courtesy) == {}
+
+
+def test_daemon_a_dependent_whose_ko_is_gone_never_blocks_the_repair(h: Harness) -> None:
+    """End to end: nf_conntrack_ftp's modprobe fails (its .ko gone, modules.dep still naming it). The
+    family, the sysctls and the hook come back at once; the helper is tried COURTESY_TRIES times, then
+    one collateral.given_up record; the restore after that fault is no failure."""
+    h.host.load(*FTP)
+    hook = h.host.root / "hook.log"
+    h.host.write_modprobe(extra='case "$*" in *nf_conntrack_ftp*) echo "modprobe: FATAL: Module '
+                                'nf_conntrack_ftp not found" >&2; exit 1 ;; esac')
+
+    def remembered() -> tuple[str, ...]:
+        path = h.host.root / "run/state.json"
+        saved = statefile.load(path) if path.exists() else None
+        return tuple(saved.dependents) if saved is not None else FTP
+
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        time.sleep(0.2)  # a healthy look has learned the helpers
+        for m in ("nf_nat_ftp", "nf_conntrack_ftp", "br_netfilter", "nf_nat", "nf_conntrack"):
+            h.host.unload(m)
+        h.host.write_sysctl("net.bridge.bridge-nf-call-iptables", "0")
+        h.monitor.send("remove nf_conntrack")
+        h.wait_for(lambda: all(h.host.is_live(m) for m in ALL) and hook.exists())
+        h.wait_for(lambda: "nf_conntrack_ftp" not in remembered(), timeout=15)
+        time.sleep(0.5)
+
+    cfg = cfg_for(h.host, poll_interval=0.1, backoff_initial=0.2,
+                  hooks=(("/bin/sh", "-c", f"echo ran >> {hook}"),))
+    code, logs = h.run(h.daemon(cfg), driver)
+    assert code == 0 and all(h.host.is_live(m) for m in ALL)
+    assert h.host.read_sysctl("net.bridge.bridge-nf-call-iptables") == "1"
+    assert hook.read_text() == "ran\n"  # once: the helper's failures did not make the hook owed again
+    assert h.host.modprobe_calls().count("nf_conntrack_ftp") == COURTESY_TRIES
+    given = events(logs, "collateral.given_up")
+    assert [(e["module"], e["tries"]) for e in given] == [("nf_conntrack_ftp", COURTESY_TRIES)]
+    assert "not found" in given[0]["detail"]
+    first = events(logs, "restore.finished")[0]
+    assert first["modules"].startswith("nf_conntrack nf_nat br_netfilter") and first["retry_in"] is None
