@@ -67,6 +67,10 @@ EVENTS: dict[str, EventType] = {
                                 "uevent monitor unavailable ({detail}); polling every {poll_interval} s"),
     "state.ignored": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b12", "state file {path} ignored: {detail}"),
     "state.failed": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b13", "state file {path} not written: {detail}"),
+    "watchdog.floored": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b26",
+                                  "WATCHDOG_USEC={watchdog_usec} asks for a ping every {asked_s} s; ctwatchd pings "
+                                  "every {every_s} s, its floor, and systemd may kill it for missing the "
+                                  "watchdog: set WatchdogSec= to a second or more"),
     "notify.failed": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b14", "sd_notify failed: {detail}"),
     "metrics.failed": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b15", "metrics file {path} not written: {detail}"),
     "module.note": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b16", "module {module}: {note}; ctwatchd loads it"),

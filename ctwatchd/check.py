@@ -108,7 +108,7 @@ def daemon_state(cfg: Config, probe: KernelProbe, resumed: Resumed, now: float) 
         return out
     recent = core.recent_restarts(cfg, resumed.state, now)
     out.update({
-        "status": saved.status,
+        "status": clean(saved.status, 1000),  # what the file says, escaped: a lone surrogate or ESC too
         "breaker_open": core.breaker_open(cfg, resumed.state, now),
         "restarts_in_window": len(recent),
         "restarts_owed": resumed.state.restarts_owed,

@@ -118,10 +118,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         # The hold lives in the kernel, not in a tree: read it only when looking at this host.
         report = run_check(cfg, args.root, hold.look if args.root == Path("/") else None)
+        text = format_json(report) if args.json else format_table(report)
+        print(text)
+    except BrokenPipeError:
+        raise  # main(): the reader left, not "cannot tell"
     except Exception as exc:  # "cannot tell" (2), never "degraded" (1): see ctwatchd(8)
         print(f"ctwatchd: cannot tell: {type(exc).__name__}: {clean(str(exc))}", file=sys.stderr)
         return UNKNOWN
-    print(format_json(report) if args.json else format_table(report))
     return report.exit_code
 
 

@@ -25,7 +25,7 @@ from ctwatchd.hold import Hold
 from ctwatchd.kernel import KernelProbe
 from ctwatchd.metrics import Metrics, MetricsUnavailable
 from ctwatchd.model import NFT_MASQ, AuditLog, Observation, clean
-from ctwatchd.notify import Notifier, watchdog_interval
+from ctwatchd.notify import WATCHDOG_FLOOR, Notifier, watchdog_interval
 from ctwatchd.persist import StateKeeper
 from ctwatchd.report import Reporter
 from ctwatchd.runner import Runner, reap_children
@@ -71,7 +71,8 @@ class Daemon:
         self.env = dict(os.environ if env is None else env)
         self.notifier = notifier or Notifier(on_error=lambda d: log.warning("notify.failed", detail=d))
         self.clock = clock
-        self.watchdog_every = watchdog_interval(self.env, os.getpid())
+        self.watchdog_asked = watchdog_interval(self.env, os.getpid())
+        self.watchdog_every = None if self.watchdog_asked is None else max(self.watchdog_asked, WATCHDOG_FLOOR)
         self.inspector = Inspector(probe, on_problem=lambda text: log.warning("facts.problem", detail=text))
         self.state = CoreState()
         self.reporter = Reporter(log, self.notifier, make_metrics(cfg))
@@ -137,6 +138,9 @@ class Daemon:
             self.log.info("daemon.started", version=__version__, modules=" ".join(self.cfg.modules),
                           config=clean(str(self.cfg.path)) if self.cfg.path else "built-in defaults",
                           pid=os.getpid())
+            if self.watchdog_asked is not None and self.watchdog_asked < WATCHDOG_FLOOR:
+                self.log.warning("watchdog.floored", watchdog_usec=clean(self.env.get("WATCHDOG_USEC", "")),
+                                 asked_s=self.watchdog_asked, every_s=WATCHDOG_FLOOR)
             self.monitor.open()
             self.udev.open()
             self._resume()

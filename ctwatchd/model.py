@@ -101,8 +101,18 @@ class Conflict:
     want: str
     setting: Setting
 
+    # A sysctl.d value is text from a file anyone with root wrote: every echo of it (check's table and
+    # JSON, the journal record) goes through these, escaped and capped once.
+    @property
+    def value(self) -> str:
+        return clean(self.setting.value, 80)
+
+    @property
+    def source(self) -> str:
+        return clean(self.setting.source, 200)
+
     def __str__(self) -> str:
-        return f"{self.setting.source} sets {self.key} = {self.setting.value}, ctwatchd wants {self.want}"
+        return f"{self.source} sets {self.key} = {self.value}, ctwatchd wants {self.want}"
 
 
 @dataclass(frozen=True)

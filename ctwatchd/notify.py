@@ -21,6 +21,11 @@ STATUS_LIMIT = 400  # characters of STATUS=; systemctl status shows one line any
 SEND_TIMEOUT = 2.0  # seconds one notify datagram may wait for room in the receiver's queue
 
 
+# The shortest time between WATCHDOG=1 pings: a WatchdogSec= far below it (WATCHDOG_USEC=1) cannot be
+# met by any process, and pinging as often as it asks is a hot loop of datagrams.
+WATCHDOG_FLOOR = 0.1
+
+
 def watchdog_interval(env: Mapping[str, str], pid: int) -> float | None:
     """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None when no watchdog is ours."""
     usec = env.get("WATCHDOG_USEC")

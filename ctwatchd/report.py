@@ -50,7 +50,7 @@ class Reporter:
             if str(conflict) not in self.conflicts:  # once per file, line and key: not drift at every load
                 self.conflicts.add(str(conflict))
                 self.log.warning("sysctl.conflict", key=conflict.key, want=conflict.want,
-                                 value=conflict.setting.value, source=conflict.setting.source)
+                                 value=conflict.value, source=conflict.source)
         if look.decision.state.dropped:
             self.log.warning("tuning.dropped", keys=" ".join(look.decision.state.dropped))
         if health.breaker_open != self.breaker:

@@ -239,3 +239,54 @@ def test_run_applies_a_new_log_format_on_sighup(loaded: FakeHost) -> None:
         p.wait()
     loaded_lines = [line for line in lines if "config.loaded" in line]
     assert loaded_lines and json.loads(loaded_lines[-1])["event"] == "config.loaded"
+
+
+# -- everything check echoes from files is escaped and capped (docs/faults.md H29, H30) ----------------
+HOSTILE = "\ud800 \x1b]0;owned\x07\x1b[2J tail"
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_check_echoes_a_hostile_state_status_escaped(loaded: FakeHost, as_json: bool) -> None:
+    """A state file whose status holds a lone surrogate, OSC and CSI sequences (valid JSON): printed
+    escaped, the exit code the host's (0), never a traceback with 1 (which NPD reads as degraded)."""
+    from ctwatchd import state as statefile
+
+    path = loaded.root / "run/state.json"
+    path.parent.mkdir(exist_ok=True)
+    statefile.save(path, statefile.SavedState({}, False, status="PLACEHOLDER"))
+    path.write_text(path.read_text().replace('"PLACEHOLDER"', json.dumps(HOSTILE)))
+    r = ctw("check", *(["--json"] if as_json else []), "--root", str(loaded.root), "--config", str(loaded.config()))
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout and "Traceback" not in r.stderr
+    status = json.loads(r.stdout)["daemon"]["status"] if as_json else r.stdout
+    assert "\\ud800 \\x1b]0;owned\\x07\\x1b[2J tail" in status
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_check_echoes_a_hostile_sysctl_d_value_escaped_and_capped(loaded: FakeHost, as_json: bool) -> None:
+    """A sysctl.d value with ESC, OSC and BEL and 5000 characters: the conflict line is escaped and
+    short (before: 5149 characters, the sequences raw)."""
+    conf = loaded.root / "etc/sysctl.d/99-evil.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text("net.bridge.bridge-nf-call-iptables = 0\x1b]0;owned\x07" + "A" * 5000 + "\n")
+    r = ctw("check", *(["--json"] if as_json else []), "--root", str(loaded.root), "--config", str(loaded.config()))
+    assert r.returncode in (0, 1), r.stderr
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout
+    lines = json.loads(r.stdout)["conflicts"] if as_json else [x for x in r.stdout.splitlines()
+                                                               if x.startswith("conflict:")]
+    assert len(lines) == 1 and len(lines[0]) < 300, lines
+    assert "/etc/sysctl.d/99-evil.conf:1 sets net.bridge.bridge-nf-call-iptables = 0\\x1b]0;owned\\x07AAA" in lines[0]
+
+
+def test_check_failing_while_printing_is_cannot_tell(loaded: FakeHost, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """An unexpected error while the report is formatted or printed is exit 2 with one sentence, never
+    a traceback with exit 1."""
+    from ctwatchd import check, cli
+
+    def broken(_report: object) -> str:
+        raise UnicodeEncodeError("ascii", "\ud800", 0, 1, "surrogates not allowed")
+
+    monkeypatch.setattr(check, "format_table", broken)
+    assert cli.main(["check", "--root", str(loaded.root), "--config", str(loaded.config())]) == 2
+    assert "cannot tell: UnicodeEncodeError" in capsys.readouterr().err

@@ -188,6 +188,20 @@ def test_watchdog_pings_continue_during_a_slow_step(h: Harness) -> None:
     assert pings >= 5, (pings, elapsed)
 
 
+def test_a_tiny_watchdog_usec_is_floored_not_a_flood(h: Harness) -> None:
+    """WATCHDOG_USEC=1 (a drop-in's mistake): pings at the floor, said once, instead of a hot loop of
+    datagrams (116,003 in 2 s before the floor)."""
+    def driver() -> None:
+        h.wait_notify("READY=1")
+        time.sleep(1.0)
+
+    code, logs = h.run(h.daemon(cfg_for(h.host), env={"WATCHDOG_USEC": "1"}), driver)
+    pings = sum(1 for m in h.read_notify() if m == "WATCHDOG=1")
+    assert code == 0 and 5 <= pings <= 40, pings  # ~1 s at 0.1 s, with the start and the stop around it
+    floored = events(logs, "watchdog.floored")
+    assert [(e["watchdog_usec"], e["every_s"]) for e in floored] == [("1", 0.1)]
+
+
 def test_sigterm_during_a_restore_stops_promptly(h: Harness) -> None:
     """A stop in the middle of a hanging modprobe kills it and exits 0, bounded in time."""
     h.host.write_modprobe(extra="sleep 60")
