@@ -108,6 +108,12 @@ def classify(ev: ModuleEvidence, facts: KernelFacts) -> ModuleStatus:
         return status(ModuleState.BLOCKED, str(rule))
     if name in facts.deps:
         return status(ModuleState.ABSENT, "not loaded")
+    if not facts.modules_dir:
+        # A package upgrade that removed the running kernel's modules (Arch does; so does an
+        # autoremove): nothing can be loaded until the running kernel and its modules match again.
+        return status(ModuleState.UNAVAILABLE, f"the running kernel's modules directory /lib/modules/"
+                                               f"{facts.release} is gone: reboot into the installed kernel, "
+                                               "or reinstall the running one")
     if not facts.deps and facts.modules_dir:
         # No modules.dep to consult (depmod never ran): let modprobe be the judge.
         return status(ModuleState.ABSENT, "not loaded (no modules.dep to check the disk)")

@@ -290,3 +290,20 @@ def test_check_failing_while_printing_is_cannot_tell(loaded: FakeHost, monkeypat
     monkeypatch.setattr(check, "format_table", broken)
     assert cli.main(["check", "--root", str(loaded.root), "--config", str(loaded.config())]) == 2
     assert "cannot tell: UnicodeEncodeError" in capsys.readouterr().err
+
+
+def test_a_vanished_modules_directory_is_named_with_its_fix(loaded: FakeHost) -> None:
+    """/lib/modules/<running release> removed by an upgrade: check says so and what fixes it, and
+    `restore` runs no modprobe (it would only fail), rather than "not in …/modules.dep"."""
+    import shutil
+
+    loaded.unload("nf_nat")
+    shutil.rmtree(loaded.moddir)
+    cfg = str(loaded.config())
+    r = ctw("check", "--root", str(loaded.root), "--config", cfg)
+    assert r.returncode == 1, r.stderr
+    row = next(x for x in r.stdout.splitlines() if x.startswith("nf_nat "))
+    assert "unavailable" in row and f"/lib/modules/{loaded.release} is gone: reboot into the installed kernel" in row
+    assert "modules.dep" not in row
+    done = ctw("restore", "--root", str(loaded.root), "--config", cfg)
+    assert done.returncode == 1 and loaded.modprobe_calls() == [], done.stdout
