@@ -66,6 +66,8 @@ EVENTS: dict[str, EventType] = {
     "monitor.failed": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b11",
                                 "uevent monitor unavailable ({detail}); polling every {poll_interval} s"),
     "state.ignored": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b12", "state file {path} ignored: {detail}"),
+    "state.trimmed": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b27",
+                               "state file {path} written without what its reader would refuse: {detail}"),
     "state.failed": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b13", "state file {path} not written: {detail}"),
     "watchdog.floored": EventType("2b6a0c3e0b3f4f0e9a7c1d5e8f3a6b26",
                                   "WATCHDOG_USEC={watchdog_usec} asks for a ping every {asked_s} s; ctwatchd pings "

@@ -19,6 +19,7 @@ class StateKeeper:
         self.clock = clock
         self._saved: tuple[object, ...] | None = None
         self._error: str | None = None
+        self._dropped: tuple[str, ...] = ()
 
     def move(self, path: Path) -> None:
         """A reload named another state file: write there from now on."""
@@ -35,7 +36,7 @@ class StateKeeper:
                                      s.conntrack_instance, s.restarts_owed, self.boot_id, os.getpid(),
                                      round(self.clock(), 3), stopped, dict(s.dependents), dict(s.base_instances))
         try:
-            statefile.save(self.path, saved)
+            dropped = statefile.save(self.path, saved)
         except OSError as exc:
             error = exc.strerror or str(exc)
             if error != self._error:
@@ -44,3 +45,6 @@ class StateKeeper:
             return
         self._saved = key
         self._error = None
+        if dropped and dropped != self._dropped:  # said once, not at every save
+            self.log.warning("state.trimmed", path=clean(str(self.path)), detail="; ".join(dropped))
+        self._dropped = dropped
