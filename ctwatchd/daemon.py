@@ -191,7 +191,11 @@ class Daemon:
 
     # -- signals ------------------------------------------------------------------------------
     def _dispatch_signals(self) -> None:
-        while (signum := self.signals.pop()) is not None:
+        while True:
+            self.signals.read()  # before each pop: a stop that arrived while a reload ran wins over the rest
+            signum = self.signals.pop()
+            if signum is None:
+                return
             if signum in STOP_SIGNALS:
                 self.stop_signal = signum
                 return

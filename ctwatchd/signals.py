@@ -71,4 +71,9 @@ class SignalQueue:
         if stop is not None:
             self.pending.clear()
             return stop
-        return self.pending.pop(0)
+        signum = self.pending.pop(0)
+        if signum == RELOAD:
+            # One reload reads the file as it is now: the ones queued behind it would only repeat it
+            # (and each costs a reconcile and two notify messages).
+            self.pending = [s for s in self.pending if s != RELOAD]
+        return signum

@@ -3,8 +3,10 @@ notify socket and real signals. The loop does not know it is under test."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -473,3 +475,48 @@ def test_conntrack_reloaded_by_our_own_nf_nat_restore_gets_its_tuning_back(h: Ha
 
     h.run(h.daemon(cfg_for(host)), driver)
     assert host.read_sysctl("net.netfilter.nf_conntrack_max") == "1048576"
+
+
+def test_reloads_queued_behind_a_slow_step_do_not_delay_a_stop(h: Harness, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """systemd's notify queue full (a stalled receiver), six SIGHUPs during a 3 s modprobe, SIGTERM when it
+    ends: the reloads are one, the stop wins over it, and no notify message waits once one timed out
+    (before: 26 s to stop, past TimeoutStopSec, each reload spending two 2 s sends)."""
+    stalled = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stalled.bind(str(tmp_path / "stalled.sock"))
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    filler.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            filler.sendto(b"x" * 512, str(tmp_path / "stalled.sock"))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "stalled.sock"))
+    h.host.write_modprobe(extra="sleep 3")
+    reloads: list[float] = []
+    cfg = cfg_for(h.host)
+
+    def reload() -> Config:
+        reloads.append(time.monotonic())
+        return cfg
+
+    d = h.daemon(cfg, reload_config=reload)
+
+    def driver() -> None:
+        h.wait_for(lambda: d.ready, timeout=15)
+        h.host.unload("nf_nat")
+        h.monitor.send("remove nf_nat")
+        h.wait_for(lambda: "nf_nat" in h.host.modprobe_calls())
+        for _ in range(6):
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.05)
+        h.wait_for(lambda: h.host.is_live("nf_nat"), timeout=10)
+        time.sleep(0.1)  # the step is over: the reloads are being handled
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        code, _, stopped_in = run_daemon(d, driver, stop=False, limit=60)
+    finally:
+        stalled.close()
+        filler.close()
+    assert code == 0 and len(reloads) <= 1, reloads
+    assert stopped_in < 3, stopped_in  # one reload at most, and its notify messages do not wait
+    assert d.notifier.stalled
