@@ -53,15 +53,25 @@ def effective(files: Iterable[tuple[str, str]]) -> dict[str, Setting]:
     return out
 
 
+GLOB = frozenset("*?[")
+
+
 def conflicts(desired: Iterable[tuple[str, str]], settings: Mapping[str, Setting]) -> list[Conflict]:
-    """Desired values that sysctl.d would set otherwise, exact keys and globs alike."""
+    """Desired values that sysctl.d would set otherwise, exact keys and globs alike.
+
+    A plain key is found by lookup and only real globs are matched as patterns: a sysctl.d with tens of
+    thousands of per-interface keys must not cost a pattern match per key and desired value."""
+    order = {key: i for i, key in enumerate(settings)}  # the dict keeps "last wins" order
+    globs = [s for s in settings.values() if not GLOB.isdisjoint(s.key)]
     found: list[Conflict] = []
     for key, want in desired:
-        last: Setting | None = None
-        for setting in settings.values():  # in order: a later matching assignment wins
-            if setting.key == key or fnmatch.fnmatchcase(key, setting.key):
-                last = setting
-        if last is not None and normalize_value(last.value) != normalize_value(want):
+        candidates = [s for s in globs if fnmatch.fnmatchcase(key, s.key)]
+        if key in settings:
+            candidates.append(settings[key])
+        if not candidates:
+            continue
+        last = max(candidates, key=lambda s: order[s.key])  # a later matching assignment wins
+        if normalize_value(last.value) != normalize_value(want):
             found.append(Conflict(key, want, last))
     return found
 

@@ -44,6 +44,7 @@ class Inspector:
         self.probe = probe
         self.on_problem = on_problem
         self._reported: set[str] = set()
+        self._conflicts: tuple[KernelFacts, tuple[tuple[str, str], ...], tuple[Conflict, ...]] | None = None
         self.facts = self.refresh()
 
     def refresh(self) -> KernelFacts:
@@ -81,8 +82,16 @@ class Inspector:
             self.refresh()
             obs = self.observe(cfg, state)
             decision = core.decide(cfg, state, obs, now)
-        return Look(self.facts, obs, decision, core.effective_modules(cfg.modules, obs),
-                    tuple(conflicts(cfg.sysctls, self.facts.sysctl_d)))
+        return Look(self.facts, obs, decision, core.effective_modules(cfg.modules, obs), self.conflicts(cfg))
+
+    def conflicts(self, cfg: Config) -> tuple[Conflict, ...]:
+        """The sysctl.d conflicts, computed when the facts or the desired sysctls change, not per look."""
+        cached = self._conflicts
+        # the facts by identity: refresh() makes a new object, and comparing 50k settings per look is
+        # what this cache saves
+        if cached is None or cached[0] is not self.facts or cached[1] != cfg.sysctls:
+            cached = self._conflicts = (self.facts, cfg.sysctls, tuple(conflicts(cfg.sysctls, self.facts.sysctl_d)))
+        return cached[2]
 
     def resume(self, cfg: Config, now: float) -> Resumed:
         """The CoreState the daemon left in its state file, valid for this boot; fresh when there is none."""

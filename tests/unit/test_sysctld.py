@@ -58,6 +58,52 @@ def test_conflicts_exact_and_glob() -> None:
     assert str(found[0]) == "/etc/sysctl.d/a.conf:1 sets net.bridge.bridge-nf-call-iptables = 0, ctwatchd wants 1"
 
 
+@pytest.mark.parametrize(("first", "then", "conflict"), [
+    ("net.bridge.* = 0", f"{BRIDGE} = 1", None),  # the exact key comes later: it wins
+    (f"{BRIDGE} = 1", "net.bridge.* = 0", "/etc/sysctl.d/b.conf:1"),  # the glob comes later: it wins
+    ("net.bridge.* = 1", "net.*.bridge-nf-call-iptables = 0", "/etc/sysctl.d/b.conf:1"),  # the later glob
+    ("net.*.bridge-nf-call-iptables = 0", "net.bridge.* = 1", None),
+])
+def test_between_an_exact_key_and_a_glob_the_later_assignment_wins(first: str, then: str,
+                                                                   conflict: str | None) -> None:
+    """Plain keys are looked up and globs matched, but the order of assignment still decides."""
+    eff = effective([("/etc/sysctl.d/a.conf", first + "\n"), ("/etc/sysctl.d/b.conf", then + "\n")])
+    found = [c.setting.source for c in conflicts([(BRIDGE, "1")], eff)]
+    assert found == ([conflict] if conflict else [])
+
+
+def test_conflicts_are_computed_when_the_facts_change_not_per_look(loaded: FakeHost,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sysctl.d with 52k per-interface keys made every look match each desired key against each of
+    them (a core busy at poll_interval = 1): now one computation per facts and desired sysctls."""
+    from ctwatchd import verdict
+    from ctwatchd.config import Config
+    from ctwatchd.core import CoreState
+    from ctwatchd.kernel import KernelProbe
+
+    (loaded.root / "etc/sysctl.d").mkdir(parents=True)
+    for n in range(2):  # two files under the 1 MB limit each
+        (loaded.root / f"etc/sysctl.d/9{n}-ifaces.conf").write_text(
+            "".join(f"net.ipv4.conf.veth{n}x{i}.rp_filter = 2\n" for i in range(26_000)) + f"{BRIDGE} = 0\n")
+    calls: list[int] = []
+    real = verdict.conflicts
+
+    def counted(desired: object, settings: object) -> object:
+        calls.append(1)
+        return real(desired, settings)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(verdict, "conflicts", counted)
+    inspector = verdict.Inspector(KernelProbe(loaded.root))
+    cfg = Config()
+    looks = [inspector.look(cfg, CoreState(), float(t)) for t in range(5)]
+    assert len(calls) == 1 and all(str(lk.conflicts[0]).startswith("/etc/sysctl.d/91-ifaces.conf:26001") for lk in looks)
+    inspector.look(Config(sysctls=((BRIDGE, "0"),)), CoreState(), 6.0)  # other desired values: computed again
+    assert len(calls) == 2
+    inspector.refresh()  # new facts (a file changed): computed again
+    inspector.look(Config(sysctls=((BRIDGE, "0"),)), CoreState(), 7.0)
+    assert len(calls) == 3
+
+
 def test_search_path_and_override_order(host: FakeHost) -> None:
     """systemd's order: /etc hides the same file name in /usr/lib; sorted by name across directories;
     /etc/sysctl.conf last (once, also when 99-sysctl.conf links to it)."""
