@@ -86,7 +86,7 @@ def test_conflicts_are_computed_when_the_facts_change_not_per_look(loaded: FakeH
         (loaded.root / f"etc/sysctl.d/9{n}-ifaces.conf").write_text(
             "".join(f"net.ipv4.conf.veth{n}x{i}.rp_filter = 2\n" for i in range(26_000)) + f"{BRIDGE} = 0\n")
     calls: list[int] = []
-    real = verdict.conflicts
+    real = conflicts
 
     def counted(desired: object, settings: object) -> object:
         calls.append(1)
